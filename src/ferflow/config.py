@@ -1,0 +1,217 @@
+"""params.yaml as frozen pydantic models: a bad file or override fails before any work.
+
+Every stage (CLI, DVC, KFP) reads its configuration through `load_params`, so there is a
+single source of truth and a single place where keys are validated.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ferflow.errors import ConfigError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+# Real archive names become directory names; keep them portable.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ArchiveSpec(_Frozen):
+    """One source archive: where it lives and the digest it must have."""
+
+    name: str = Field(description="dataset name; also the file stem under data.raw_dir")
+    uri: str = Field(description="https://, Google Drive link, s3://bucket/key, file:// or a path")
+    sha256: str = Field(description="expected sha256 of the archive, 64 hex digits")
+    size: Optional[int] = Field(default=None, ge=0, description="expected size in bytes")
+
+    @field_validator("name")
+    @classmethod
+    def _portable_name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("must be letters, digits, '.', '_' or '-' (it names a directory)")
+        return v
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, v: str) -> str:
+        v = v.strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", v):
+            raise ValueError("must be a sha256 digest: 64 hexadecimal digits")
+        return v
+
+
+class DataSettings(_Frozen):
+    raw_dir: Path = Path("data/raw")
+    prepared_dir: Path = Path("data/prepared")
+    archives: list[ArchiveSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "DataSettings":
+        names = [a.name for a in self.archives]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"archive names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    def archive(self, name: str) -> ArchiveSpec:
+        for spec in self.archives:
+            if spec.name == name:
+                return spec
+        known = ", ".join(a.name for a in self.archives)
+        raise ConfigError(f"no archive named {name!r} in data.archives (known: {known})")
+
+
+class FetchSettings(_Frozen):
+    retries: int = Field(default=4, ge=0, le=20, description="attempts after the first")
+    backoff_s: float = Field(default=1.0, ge=0, description="first retry delay, doubled each time")
+    max_backoff_s: float = Field(default=30.0, ge=0)
+    timeout_s: float = Field(default=30.0, gt=0, description="connect/read timeout per request")
+    chunk_bytes: int = Field(default=1 << 20, ge=1024)
+    progress: bool = True
+
+
+class SplitSettings(_Frozen):
+    """How splits are made when an archive lacks them (grouped by identity, stratified)."""
+
+    val_fraction: float = Field(default=0.1, ge=0, lt=1, description="carved from train when no val split")
+    eval_fraction: float = Field(default=0.2, ge=0, lt=1, description="used only when no split folders")
+    seed: int = 13
+
+
+class PrepareSettings(_Frozen):
+    image_sizes: list[int] = Field(default=[224], min_length=1)
+    max_uncompressed_bytes: int = Field(default=4 << 30, gt=0, description="zip-bomb cap per archive")
+    max_bad_fraction: float = Field(default=0.01, ge=0, le=1)
+    allow_duplicates_across_splits: bool = False
+    split: SplitSettings = SplitSettings()
+
+    @field_validator("image_sizes")
+    @classmethod
+    def _sizes(cls, v: list[int]) -> list[int]:
+        if any(s < 8 or s > 1024 for s in v):
+            raise ValueError("each size must be between 8 and 1024 pixels")
+        return sorted(set(v))
+
+
+class DemoSettings(_Frozen):
+    """Offline demo archives: procedurally drawn faces with visible expressions."""
+
+    out_dir: Path = Path("data/demo")
+    images_per_class: int = Field(default=100, ge=3, le=100_000, description="per class per archive")
+    image_size: int = Field(default=112, ge=32, le=512)
+    eval_fraction: float = Field(default=0.25, gt=0, lt=1)
+    seed: int = 0
+
+
+class Params(_Frozen):
+    seed: int = 42
+    data: DataSettings
+    fetch: FetchSettings = FetchSettings()
+    prepare: PrepareSettings = PrepareSettings()
+    demo: DemoSettings = DemoSettings()
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.0.c=value` -> (['a','b','0','c'], value parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value is not valid YAML: {exc}") from None
+    return key.split("."), value
+
+
+def apply_override(tree: dict, path: list[str], value: Any, origin: str) -> None:
+    """Set `value` at `path` inside nested dicts/lists; list items are addressed by index."""
+    node: Any = tree
+    for depth, part in enumerate(path[:-1]):
+        here = ".".join(path[: depth + 1])
+        if isinstance(node, list):
+            node = node[_index(part, node, here, origin)]
+        elif isinstance(node, dict):
+            if part not in node or node[part] is None:
+                node[part] = {}
+            node = node[part]
+        else:
+            raise ConfigError(f"{origin}: {here} is a {type(node).__name__}, cannot set a key below it")
+    last = path[-1]
+    if isinstance(node, list):
+        node[_index(last, node, ".".join(path), origin)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"{origin}: {'.'.join(path[:-1])} is not a mapping")
+
+
+def _index(part: str, seq: list, key: str, origin: str) -> int:
+    if not part.isdigit() or int(part) >= len(seq):
+        raise ConfigError(f"{origin}: {key}: list index must be 0..{len(seq) - 1}")
+    return int(part)
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path} (pass --params FILE)")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(tree).__name__}")
+    return tree
+
+
+def validate(tree: dict, origin: str) -> Params:
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, origin)) from None
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS, overrides: Iterable[str] = ()) -> Params:
+    """Read, override and validate params; raise ConfigError naming the key on any problem."""
+    path = Path(path)
+    tree = read_yaml(path)
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(tree, keys, value, origin=f"--set {'.'.join(keys)}")
+    return validate(tree, origin=str(path))
+
+
+def describe_validation_error(exc: ValidationError, origin: str) -> str:
+    """One readable line per problem: `file: key.path: what was expected (got X)`."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see params.yaml for the known keys)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = err["msg"]
+            if "input" in err and not isinstance(err["input"], (dict, list)):
+                msg += f" (got {err['input']!r})"
+        lines.append(f"{origin}: {key}: {msg}")
+    return "; ".join(lines)
+
+
+def dump_params(params: Params) -> dict:
+    """Plain-YAML form of resolved params (paths as strings), for writing files."""
+    return params.model_dump(mode="json")
