@@ -1,0 +1,43 @@
+# Fresh machine: `make demo` (offline end-to-end run on generated demo data) and `make test`.
+# Both create .venv in the repo and install the pinned set from requirements.lock once.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO := demo
+export PATH := $(BIN):$(PATH)
+
+.PHONY: install test demo bench lock clean-demo
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# The demo runs the same dvc.yaml in its own DVC workspace ($(DEMO)/), whose params differ
+# from params.yaml only in data.archives (the generated archives with their sha256).
+demo: $(STAMP)
+	mkdir -p $(DEMO)
+	test -f $(DEMO)/params.yaml -a $(DEMO)/params.yaml -nt params.yaml || \
+	  $(BIN)/ferflow demo-data --out $(DEMO)/archives --params-out $(DEMO)/params.yaml
+	cp dvc.yaml $(DEMO)/dvc.yaml
+	ln -sfn ../src $(DEMO)/src
+	cd $(DEMO) && { test -d .dvc || $(BIN)/dvc init --no-scm -q; } && $(BIN)/dvc repro
+	@echo "demo done: reports under $(DEMO)/data/prepared/*/report.json"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+lock: $(STAMP)
+	{ grep '^#' requirements.lock; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^ferflow'; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
+clean-demo:
+	rm -rf $(DEMO)

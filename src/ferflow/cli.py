@@ -1,0 +1,137 @@
+"""`ferflow`: one subcommand per pipeline stage. Each reads params.yaml (or --params) plus
+--set overrides, and calls the same stage function that dvc.yaml and the KFP components use.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ferflow import __version__, stages
+from ferflow.config import Params, load_params
+from ferflow.errors import FerflowError
+
+app = typer.Typer(
+    name="ferflow",
+    help="Facial-expression recognition under face masks: fetch, prepare, train, evaluate, track.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+ParamsOpt = Annotated[
+    Path, typer.Option("--params", "-p", help="params file (YAML)", show_default=True)
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="override a key: --set fetch.retries=2 (repeatable)"),
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="show tracebacks and debug logs")]
+DatasetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--dataset", "-d", help="archive name from data.archives (repeatable; default: all)"),
+]
+
+_state = {"verbose": False}
+
+
+def _load(params: Path, overrides: Optional[list[str]], verbose: bool) -> Params:
+    if verbose:
+        _state["verbose"] = True
+        logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+    return load_params(params, overrides or [])
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"ferflow {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: VerboseOpt = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version")
+    ] = False,
+) -> None:
+    _state["verbose"] = verbose
+
+
+@app.command()
+def fetch(
+    dataset: DatasetOpt = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Download the archives in data.archives into data.raw_dir, verified by sha256."""
+    cfg = _load(params, set_, verbose)
+    results = stages.fetch(cfg, dataset)
+    table = Table("archive", "bytes", "sha256", "action")
+    for r in results:
+        table.add_row(r.name, f"{r.size:,}", r.sha256[:16] + "…", "downloaded" if r.downloaded else "verified, reused")
+    out.print(table)
+
+
+@app.command()
+def prepare(
+    dataset: DatasetOpt = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Extract safely, validate images, write manifest + report + uint8 caches per dataset."""
+    cfg = _load(params, set_, verbose)
+    results = stages.prepare(cfg, dataset)
+    table = Table("dataset", "images", "quarantined", "images/s", "output")
+    for r in results:
+        table.add_row(r.dataset, str(r.n_images), str(r.n_quarantined), f"{r.images_per_s:,.0f}", str(r.out_dir))
+    out.print(table)
+
+
+@app.command("demo-data")
+def demo_data(
+    out_dir: Annotated[
+        Optional[Path], typer.Option("--out", help="directory for the archives (default: demo.out_dir)")
+    ] = None,
+    params_out: Annotated[
+        Optional[Path],
+        typer.Option("--params-out", help="also write a params file whose data.archives use the demo archives"),
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Generate three small offline demo archives (faces / masked / masked face-cut)."""
+    cfg = _load(params, set_, verbose)
+    archives = stages.demo_data(cfg, out_dir, params_out)
+    table = Table("archive", "images", "bytes", "sha256")
+    for a in archives:
+        table.add_row(str(a.path), str(a.n_images), f"{a.size:,}", a.sha256)
+    out.print(table)
+    if params_out is not None:
+        out.print(f"params using them: {params_out}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console entry point: user errors become one line on stderr and a non-zero exit."""
+    try:
+        app(args=argv)  # click's standalone mode handles usage errors and exits itself
+    except FerflowError as exc:
+        if _state["verbose"]:
+            console.print_exception()
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

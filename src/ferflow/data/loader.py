@@ -1,0 +1,107 @@
+"""Batches of uint8 images + labels straight from the memory-mapped cache.
+
+Each DataLoader item is a whole batch gathered with one fancy-index read, so there is no
+per-image Python work and no decode. Tensors come out NCHW in channels_last memory
+(a free permute of NHWC); normalisation happens later, on the training device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ferflow.data.cache import CachedSplit
+
+
+class _BatchDataset(Dataset):
+    def __init__(self, split: CachedSplit):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        # Sorted reads are sequential on disk; order inside a batch does not matter.
+        idx = np.sort(np.asarray(indices, dtype=np.int64))
+        images = torch.from_numpy(np.ascontiguousarray(self.split.images[idx]))
+        labels = torch.from_numpy(self.split.labels[idx])
+        return images.permute(0, 3, 1, 2), labels
+
+
+class EpochBatchSampler(Sampler[np.ndarray]):
+    """Index batches; reshuffled per epoch from (seed, epoch) so runs and resumes repeat.
+
+    With `num_replicas > 1` each rank takes an equal, disjoint share (DDP).
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        num_replicas: int = 1,
+    ):
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.drop_last, self.rank, self.num_replicas = drop_last, rank, num_replicas
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> np.ndarray:
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        else:
+            order = np.arange(self.n)
+        if self.num_replicas > 1:
+            per_rank = -(-self.n // self.num_replicas)
+            order = np.resize(order, per_rank * self.num_replicas)  # pad by wrapping
+            order = order[self.rank :: self.num_replicas]
+        return order
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        order = self._indices()
+        stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+        for start in range(0, stop, self.batch_size):
+            yield order[start : start + self.batch_size]
+
+    def __len__(self) -> int:
+        n = len(self._indices())
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
+def make_loader(
+    dataset_dir: Path,
+    split: str,
+    size: int,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    drop_last: bool = False,
+    workers: int = 0,
+    pin_memory: bool = False,
+    rank: int = 0,
+    num_replicas: int = 1,
+) -> DataLoader:
+    """A DataLoader over one cached split yielding (uint8 NCHW channels_last, int64 labels)."""
+    cached = CachedSplit(Path(dataset_dir), split, size)
+    sampler = EpochBatchSampler(len(cached), batch_size, shuffle, seed, drop_last, rank, num_replicas)
+    return DataLoader(
+        _BatchDataset(cached),
+        sampler=sampler,
+        batch_size=None,  # items are already batches
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )

@@ -1,0 +1,230 @@
+"""Prepare one dataset: extract safely, find the layout, decode every image once, and write
+the manifest, the report and the uint8 image caches that training reads.
+
+Output, written to a temporary directory and renamed into place only when complete:
+
+    <prepared_dir>/<dataset>/manifest.parquet     one row per kept image
+    <prepared_dir>/<dataset>/report.json          counts, quarantine, skipped, duplicates
+    <prepared_dir>/<dataset>/cache/<size>/<split>.npy          (N, size, size, 3) uint8
+    <prepared_dir>/<dataset>/cache/<size>/<split>.labels.npy   (N,) int64
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from ferflow.config import ArchiveSpec, PrepareSettings
+from ferflow.data import cache as cache_files
+from ferflow.data.archive import safe_extract
+from ferflow.data.layout import CLASSES, ImageEntry, assign_splits, check_group_leaks, discover
+from ferflow.data.sources import verify_file
+from ferflow.errors import FerflowError
+
+MANIFEST = "manifest.parquet"
+REPORT = "report.json"
+SPLIT_ORDER = ("train", "val", "eval")
+MANIFEST_COLUMNS = [
+    "path", "split", "label", "label_id", "identity", "sha1", "width", "height", "mode", "cache_index",
+]
+# Decompression-bomb guard for single images (LFW images are 250x250).
+Image.MAX_IMAGE_PIXELS = 64_000_000
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    dataset: str
+    out_dir: Path
+    n_images: int
+    n_quarantined: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.n_images / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """Per-image facts from the single decode; `arrays` holds one resized copy per size."""
+
+    sha1: str
+    width: int
+    height: int
+    mode: str
+    arrays: dict[int, np.ndarray]
+
+
+def decode_image(path: Path, sizes: list[int]) -> Decoded:
+    """Decode once, check it fully, and resize to every cache size (RGB, bilinear)."""
+    data = path.read_bytes()
+    sha1 = hashlib.sha1(data).hexdigest()
+    try:
+        with Image.open(path) as img:
+            img.load()  # forces the full decode: truncated JPEGs fail here, not in training
+            width, height, mode = img.width, img.height, img.mode
+            rgb = img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise _BadImage(f"cannot decode image: {exc}") from None
+    arrays = {}
+    for size in sizes:
+        resized = rgb if rgb.size == (size, size) else rgb.resize((size, size), Image.BILINEAR)
+        arrays[size] = np.asarray(resized, dtype=np.uint8)
+    return Decoded(sha1, width, height, mode, arrays)
+
+
+class _BadImage(Exception):
+    pass
+
+
+def prepare_dataset(
+    spec: ArchiveSpec, raw_dir: Path, prepared_dir: Path, settings: PrepareSettings
+) -> PrepareResult:
+    """Turn `<raw_dir>/<name>.zip` into a verified manifest + report + image caches."""
+    start = time.perf_counter()
+    archive = Path(raw_dir) / f"{spec.name}.zip"
+    if not archive.is_file():
+        raise FerflowError(f"{archive}: archive not found; run `ferflow fetch` first")
+    verify_file(archive, spec)
+
+    prepared_dir = Path(prepared_dir)
+    prepared_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=prepared_dir))
+    try:
+        extracted = safe_extract(archive, work / "extracted", settings.max_uncompressed_bytes)
+        entries, layout_skipped = discover(extracted.files, spec.name, dirs=extracted.dirs)
+        entries = assign_splits(entries, settings.split)
+        out = work / "out"
+        out.mkdir()
+        manifest, quarantined = _decode_and_cache(entries, extracted.root, out, settings)
+        _check_bad_fraction(spec.name, len(entries), quarantined, settings.max_bad_fraction)
+        dupes = _duplicates_across_splits(manifest)
+        if dupes and not settings.allow_duplicates_across_splits:
+            shown = "; ".join(f"{d['sha1'][:12]}: {', '.join(d['paths'])}" for d in dupes[:5])
+            raise FerflowError(
+                f"{spec.name}: {len(dupes)} image(s) appear in more than one split ({shown}); "
+                "fix the archive or set prepare.allow_duplicates_across_splits=true"
+            )
+        report = _report(spec, manifest, quarantined, extracted.skipped + layout_skipped, dupes, entries, settings)
+        manifest.to_parquet(out / MANIFEST, index=False)
+        (out / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        _replace_dir(out, prepared_dir / spec.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    return PrepareResult(spec.name, prepared_dir / spec.name, len(manifest), len(quarantined), seconds)
+
+
+def _decode_and_cache(
+    entries: list[ImageEntry], root: Path, out: Path, settings: PrepareSettings
+) -> tuple[pd.DataFrame, list[dict]]:
+    """One pass over the images: decode, quarantine failures, fill the per-split caches."""
+    by_split: dict[str, list[ImageEntry]] = defaultdict(list)
+    for entry in sorted(entries, key=lambda e: (e.split or "", e.path)):
+        by_split[entry.split].append(entry)
+    rows: list[dict] = []
+    quarantined: list[dict] = []
+    for split in sorted(by_split, key=SPLIT_ORDER.index):
+        split_entries = by_split[split]
+        writers = {s: cache_files.SplitWriter(out, s, split, len(split_entries)) for s in settings.image_sizes}
+        labels: list[int] = []
+        for entry in split_entries:
+            try:
+                img = decode_image(root / entry.path, settings.image_sizes)
+            except _BadImage as exc:
+                quarantined.append({"path": entry.path, "reason": str(exc)})
+                continue
+            for size, writer in writers.items():
+                writer.append(img.arrays[size])
+            label_id = CLASSES.index(entry.label)
+            rows.append({
+                "path": entry.path, "split": split, "label": entry.label, "label_id": label_id,
+                "identity": entry.identity, "sha1": img.sha1, "width": img.width,
+                "height": img.height, "mode": img.mode, "cache_index": len(labels),
+            })
+            labels.append(label_id)
+        for writer in writers.values():
+            writer.close(np.asarray(labels, dtype=np.int64))
+    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    manifest = manifest.astype({"label_id": "int64", "width": "int64", "height": "int64", "cache_index": "int64"})
+    return manifest, quarantined
+
+
+def _check_bad_fraction(name: str, total: int, quarantined: list[dict], limit: float) -> None:
+    if total and len(quarantined) / total > limit:
+        shown = "; ".join(f"{q['path']}: {q['reason']}" for q in quarantined[:3])
+        raise FerflowError(
+            f"{name}: {len(quarantined)} of {total} images could not be decoded "
+            f"(more than prepare.max_bad_fraction={limit}): {shown}"
+        )
+
+
+def _duplicates_across_splits(manifest: pd.DataFrame) -> list[dict]:
+    found = []
+    for sha1, group in manifest.groupby("sha1", sort=True):
+        if group["split"].nunique() > 1:
+            found.append({
+                "sha1": sha1,
+                "paths": sorted(group["path"]),
+                "splits": sorted(group["split"].unique()),
+            })
+    return found
+
+
+def _report(
+    spec: ArchiveSpec,
+    manifest: pd.DataFrame,
+    quarantined: list[dict],
+    skipped: list[dict],
+    dupes: list[dict],
+    entries: list[ImageEntry],
+    settings: PrepareSettings,
+) -> dict:
+    counts: dict[str, dict[str, int]] = {}
+    for split in SPLIT_ORDER:
+        part = manifest[manifest["split"] == split]
+        if len(part):
+            tally = Counter(part["label"])
+            counts[split] = {c: int(tally.get(c, 0)) for c in CLASSES}
+    within = int(manifest.duplicated(subset=["split", "sha1"]).sum())
+    return {
+        "dataset": spec.name,
+        "archive": {"sha256": spec.sha256, "uri": spec.uri},
+        "classes": list(CLASSES),
+        "counts": counts,
+        "n_images": int(len(manifest)),
+        "quarantined": quarantined,
+        "skipped": sorted(skipped, key=lambda s: s["path"]),
+        "duplicates_across_splits": dupes,
+        "duplicates_within_split": within,
+        "identities_in_several_splits": check_group_leaks(entries),
+        "image_sizes": list(settings.image_sizes),
+        # Content hash of the manifest rows (not the parquet bytes, which embed writer versions).
+        "manifest_sha256": manifest_digest(manifest),
+    }
+
+
+def manifest_digest(manifest: pd.DataFrame) -> str:
+    return hashlib.sha256(manifest.to_csv(index=False).encode()).hexdigest()
+
+
+def _replace_dir(src: Path, dest: Path) -> None:
+    """Swap a finished output into place; the old one is removed only after the swap."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+    os.replace(src, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
