@@ -104,7 +104,7 @@ def prepare_dataset(
     try:
         extracted = safe_extract(archive, work / "extracted", settings.max_uncompressed_bytes)
         entries, layout_skipped = discover(extracted.files, spec.name, dirs=extracted.dirs)
-        entries = assign_splits(entries, settings.split)
+        entries = assign_splits(entries, settings.split, archive_name=spec.name)
         out = work / "out"
         out.mkdir()
         manifest, quarantined = _decode_and_cache(entries, extracted.root, out, settings)
