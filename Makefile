@@ -27,9 +27,12 @@ demo: $(STAMP)
 	mkdir -p $(DEMO)
 	test -f $(DEMO)/params.yaml -a $(DEMO)/params.yaml -nt params.yaml || \
 	  $(BIN)/ferflow demo-data --out $(DEMO)/archives --params-out $(DEMO)/params.yaml
-	cp dvc.yaml $(DEMO)/dvc.yaml
+	cp dvc.yaml .dvcignore $(DEMO)/
 	ln -sfn ../src $(DEMO)/src
-	cd $(DEMO) && { test -d .dvc || $(BIN)/dvc init --no-scm -q; } && $(BIN)/dvc repro
+	test -d $(DEMO)/.dvc || (cd $(DEMO) && $(BIN)/dvc init --no-scm -q)
+	cd $(DEMO) && $(BIN)/dvc remote add -f -d \
+	  $$(cd .. && $(BIN)/dvc remote list --project | awk 'NR==1{print $$1, $$2}')
+	cd $(DEMO) && $(BIN)/dvc repro
 	@echo "demo done: reports under $(DEMO)/data/prepared/*/report.json"
 
 bench: $(STAMP)

@@ -25,20 +25,12 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class ArchiveSpec(_Frozen):
-    """One source archive: where it lives and the digest it must have."""
+class ArchiveSource(_Frozen):
+    """Where one archive lives and the digest it must have (a value of data.archives)."""
 
-    name: str = Field(description="dataset name; also the file stem under data.raw_dir")
     uri: str = Field(description="https://, Google Drive link, s3://bucket/key, file:// or a path")
     sha256: str = Field(description="expected sha256 of the archive, 64 hex digits")
     size: Optional[int] = Field(default=None, ge=0, description="expected size in bytes")
-
-    @field_validator("name")
-    @classmethod
-    def _portable_name(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
-            raise ValueError("must be letters, digits, '.', '_' or '-' (it names a directory)")
-        return v
 
     @field_validator("sha256")
     @classmethod
@@ -49,25 +41,38 @@ class ArchiveSpec(_Frozen):
         return v
 
 
+class ArchiveSpec(ArchiveSource):
+    """An archive source with its dataset name (the key it has in data.archives)."""
+
+    name: str
+
+
 class DataSettings(_Frozen):
     raw_dir: Path = Path("data/raw")
     prepared_dir: Path = Path("data/prepared")
-    archives: list[ArchiveSpec] = Field(min_length=1)
+    # Keyed by dataset name: DVC stages are named after the keys (fetch@LFW-FER) and
+    # overrides read naturally (--set data.archives.LFW-FER.uri=...).
+    archives: dict[str, ArchiveSource] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _unique_names(self) -> "DataSettings":
-        names = [a.name for a in self.archives]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"archive names must be unique; repeated: {', '.join(dupes)}")
-        return self
+    @field_validator("archives")
+    @classmethod
+    def _portable_names(cls, v: dict[str, ArchiveSource]) -> dict[str, ArchiveSource]:
+        for name in v:
+            if not _NAME_RE.match(name):
+                raise ValueError(
+                    f"archive name {name!r} must be letters, digits, '.', '_' or '-' (it names a directory)"
+                )
+        return v
+
+    @property
+    def specs(self) -> list[ArchiveSpec]:
+        return [ArchiveSpec(name=name, **src.model_dump()) for name, src in self.archives.items()]
 
     def archive(self, name: str) -> ArchiveSpec:
-        for spec in self.archives:
-            if spec.name == name:
-                return spec
-        known = ", ".join(a.name for a in self.archives)
-        raise ConfigError(f"no archive named {name!r} in data.archives (known: {known})")
+        if name not in self.archives:
+            known = ", ".join(self.archives)
+            raise ConfigError(f"no archive named {name!r} in data.archives (known: {known})")
+        return ArchiveSpec(name=name, **self.archives[name].model_dump())
 
 
 class FetchSettings(_Frozen):

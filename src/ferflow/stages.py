@@ -14,7 +14,7 @@ from ferflow.errors import FerflowError
 def select_archives(params: Params, names: Optional[Iterable[str]]) -> list[ArchiveSpec]:
     names = list(names or [])
     if not names:
-        return list(params.data.archives)
+        return params.data.specs
     return [params.data.archive(n) for n in names]
 
 
@@ -54,7 +54,7 @@ def demo_data(params: Params, out_dir: Optional[Path] = None, params_out: Option
             base = params_out.parent.resolve()
             for src in sources:
                 src["uri"] = _relative_to(Path(src["uri"]).resolve(), base)
-        tree["data"]["archives"] = sources
+        tree["data"]["archives"] = {src.pop("name"): src for src in sources}
         write_yaml_atomic(params_out, tree)
     return archives
 

@@ -30,7 +30,7 @@ pytestmark = [
 
 def test_standin_archives_fetch_and_prepare(tmp_path):
     archives = archives_from_checksums(STANDIN / "SHA256SUMS")
-    assert [a["name"] for a in archives] == ["LFW-FER", "M-LFW-FER", "M-LFW-FER-face-cut"]
+    assert list(archives) == ["LFW-FER", "M-LFW-FER", "M-LFW-FER-face-cut"]
     overrides = [f"data.archives={json.dumps(archives)}",
         f"data.raw_dir={tmp_path / 'raw'}", f"data.prepared_dir={tmp_path / 'prepared'}",
         "prepare.image_sizes=[48]", "fetch.progress=false",

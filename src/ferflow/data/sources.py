@@ -102,10 +102,10 @@ def fetch_archive(spec: ArchiveSpec, dest_dir: Path, settings: FetchSettings) ->
     return FetchResult(spec.name, dest, digest, dest.stat().st_size, downloaded=True)
 
 
-def archives_from_checksums(sums_file: Path) -> list[dict]:
+def archives_from_checksums(sums_file: Path) -> dict[str, dict]:
     """data.archives entries for the zips listed in a `sha256sum`-style file beside them."""
     sums_file = Path(sums_file).resolve()
-    entries = []
+    entries: dict[str, dict] = {}
     for number, line in enumerate(sums_file.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip() or line.startswith("#"):
             continue
@@ -113,7 +113,7 @@ def archives_from_checksums(sums_file: Path) -> list[dict]:
         path = sums_file.parent / filename.strip().lstrip("*")
         if not filename.strip() or not path.is_file():
             raise FerflowError(f"{sums_file}:{number}: expected '<sha256>  <file>' naming a file beside it")
-        entries.append({"name": path.stem, "uri": path.as_uri(), "sha256": digest.strip(), "size": path.stat().st_size})
+        entries[path.stem] = {"uri": path.as_uri(), "sha256": digest.strip(), "size": path.stat().st_size}
     return entries
 
 
