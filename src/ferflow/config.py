@@ -97,6 +97,7 @@ class PrepareSettings(_Frozen):
     max_uncompressed_bytes: int = Field(default=4 << 30, gt=0, description="zip-bomb cap per archive")
     max_bad_fraction: float = Field(default=0.01, ge=0, le=1)
     allow_duplicates_across_splits: bool = False
+    workers: int = Field(default=0, ge=0, le=64, description="decode processes; 0 = one per CPU")
     split: SplitSettings = SplitSettings()
 
     @field_validator("image_sizes")

@@ -45,6 +45,53 @@ class _Member:
     is_dir: bool
 
 
+@dataclass(frozen=True)
+class ArchiveListing:
+    """A validated archive, read in place: what `safe_extract` would write, without writing."""
+
+    path: Path
+    files: list[str]  # normalised posix paths, sorted
+    skipped: list[dict]
+    dirs: list[str]
+    declared_bytes: int
+    entry_names: dict[str, str]  # normalised path -> name inside the zip
+
+
+def inspect_archive(zip_path: Path, max_uncompressed_bytes: int) -> ArchiveListing:
+    """Apply every check of `safe_extract` (paths, types, junk, cap) but write nothing.
+
+    Reading members straight from the zip afterwards is safe: no path is ever created
+    from an entry name, and zipfile never reads past a member's declared size (a lying
+    header fails its CRC check instead), so the declared total bounds what is inflated.
+    """
+    zip_path = Path(zip_path)
+    with _open_zip(zip_path) as zf:
+        members, skipped = _plan(zf, str(zip_path), max_uncompressed_bytes)
+    files = [m for m in members if not m.is_dir]
+    return ArchiveListing(
+        path=zip_path,
+        files=sorted(m.path for m in files),
+        skipped=skipped,
+        dirs=_all_dirs(members),
+        declared_bytes=sum(m.info.file_size for m in files),
+        entry_names={m.path: m.info.filename for m in files},
+    )
+
+
+def read_member(zf: zipfile.ZipFile, listing: ArchiveListing, path: str) -> bytes:
+    """One validated member's bytes; corruption becomes a FerflowError naming the entry."""
+    try:
+        return zf.read(listing.entry_names[path])
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise FerflowError(f"{listing.path}: entry {path!r} is corrupt ({exc}); re-fetch the archive") from None
+    except (NotImplementedError, RuntimeError) as exc:
+        raise FerflowError(f"{listing.path}: entry {path!r} cannot be read ({exc})") from None
+
+
+def open_zip(zip_path: Path) -> zipfile.ZipFile:
+    return _open_zip(Path(zip_path))
+
+
 def safe_extract(zip_path: Path, dest: Path, max_uncompressed_bytes: int) -> ExtractResult:
     """Extract `zip_path` into `dest` all-or-nothing; raise FerflowError on anything unsafe."""
     zip_path, dest = Path(zip_path), Path(dest)

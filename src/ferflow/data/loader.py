@@ -1,35 +1,33 @@
 """Batches of uint8 images + labels straight from the memory-mapped cache.
 
-Each DataLoader item is a whole batch gathered with one fancy-index read, so there is no
-per-image Python work and no decode. Tensors come out NCHW in channels_last memory
+Each batch is gathered with one fancy-index read of the memory-mapped cache, so there is
+no per-image Python work and no decode. Tensors come out NCHW in channels_last memory
 (a free permute of NHWC); normalisation happens later, on the training device.
 """
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Sampler
 
 from ferflow.data.cache import CachedSplit
 
 
-class _BatchDataset(Dataset):
-    def __init__(self, split: CachedSplit):
-        self.split = split
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        # Sorted reads are sequential on disk; order inside a batch does not matter.
-        idx = np.sort(np.asarray(indices, dtype=np.int64))
-        images = torch.from_numpy(np.ascontiguousarray(self.split.images[idx]))
-        labels = torch.from_numpy(self.split.labels[idx])
-        return images.permute(0, 3, 1, 2), labels
+def read_batch(split: CachedSplit, indices: np.ndarray, pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch with a single fancy-index read; NCHW view in channels_last memory."""
+    # Sorted reads are sequential on disk; order inside a batch does not matter.
+    idx = np.sort(np.asarray(indices, dtype=np.int64))
+    images = torch.from_numpy(np.ascontiguousarray(split.images[idx]))
+    labels = torch.from_numpy(split.labels[idx])
+    if pin_memory:
+        images, labels = images.pin_memory(), labels.pin_memory()
+    return images.permute(0, 3, 1, 2), labels
 
 
 class EpochBatchSampler(Sampler[np.ndarray]):
@@ -79,6 +77,39 @@ class EpochBatchSampler(Sampler[np.ndarray]):
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
 
+class CacheLoader:
+    """Iterates (uint8 NCHW channels_last, int64 labels) batches of one cached split.
+
+    `workers` > 0 prefetches batches on threads, not processes: reading the cache is a
+    memcpy that releases the GIL, and process workers would pay to ship every batch
+    through shared memory, which measured 5-10x slower here (benchmarks/RESULTS.md).
+    """
+
+    def __init__(self, split: CachedSplit, sampler: EpochBatchSampler, workers: int = 0, pin_memory: bool = False):
+        self.split, self.sampler, self.workers, self.pin_memory = split, sampler, workers, pin_memory
+        self.prefetch = max(2, 2 * workers)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.workers == 0:
+            for indices in self.sampler:
+                yield read_batch(self.split, indices, self.pin_memory)
+            return
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="ferflow-loader") as pool:
+            pending: deque = deque()
+            for indices in self.sampler:
+                pending.append(pool.submit(read_batch, self.split, indices, self.pin_memory))
+                if len(pending) >= self.prefetch:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+
 def make_loader(
     dataset_dir: Path,
     split: str,
@@ -92,16 +123,8 @@ def make_loader(
     pin_memory: bool = False,
     rank: int = 0,
     num_replicas: int = 1,
-) -> DataLoader:
-    """A DataLoader over one cached split yielding (uint8 NCHW channels_last, int64 labels)."""
+) -> CacheLoader:
+    """A loader over one cached split yielding (uint8 NCHW channels_last, int64 labels)."""
     cached = CachedSplit(Path(dataset_dir), split, size)
     sampler = EpochBatchSampler(len(cached), batch_size, shuffle, seed, drop_last, rank, num_replicas)
-    return DataLoader(
-        _BatchDataset(cached),
-        sampler=sampler,
-        batch_size=None,  # items are already batches
-        num_workers=workers,
-        pin_memory=pin_memory,
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
-    )
+    return CacheLoader(cached, sampler, workers, pin_memory)
