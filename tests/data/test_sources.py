@@ -386,3 +386,24 @@ def test_s3_without_credentials_says_how_to_fix(s3_env, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     with pytest.raises(FerflowError, match=r"s3://archives/a.zip: no AWS credentials found.*AWS_ACCESS_KEY_ID"):
         fetch_archive(spec("s3://archives/a.zip"), tmp_path / "raw", FAST)
+
+
+# ---------------------------------------------------------------------------- download (any file)
+
+
+def test_download_any_file_returns_its_digest(http, tmp_path):
+    http.behaviour.files["/weights.pt"] = PAYLOAD
+    dest = tmp_path / "cache" / "w.pt"
+    assert sources.download(http.url("/weights.pt"), dest, FAST) == DIGEST
+    assert dest.read_bytes() == PAYLOAD and leftovers(dest.parent) == ["w.pt"]
+    assert sources.download(http.url("/weights.pt"), dest, FAST, expected_sha256=DIGEST.upper()) == DIGEST
+
+
+def test_download_digest_mismatch_and_truncation(http, tmp_path):
+    http.behaviour.files["/weights.pt"] = PAYLOAD
+    with pytest.raises(FerflowError, match=f"expected {'0' * 64}, got {DIGEST}"):
+        sources.download(http.url("/weights.pt"), tmp_path / "w.pt", FAST, expected_sha256="0" * 64)
+    assert leftovers(tmp_path) == []
+    http.behaviour.truncate = 1  # resumed with Range, like archives
+    assert sources.download(http.url("/weights.pt"), tmp_path / "w.pt", FAST) == DIGEST
+    assert http.seen[-1]["range"] is not None

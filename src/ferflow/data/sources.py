@@ -102,6 +102,35 @@ def fetch_archive(spec: ArchiveSpec, dest_dir: Path, settings: FetchSettings) ->
     return FetchResult(spec.name, dest, digest, dest.stat().st_size, downloaded=True)
 
 
+def download(uri: str, dest: Path, settings: FetchSettings, expected_sha256: str | None = None) -> str:
+    """Fetch any file (model weights, ...) to `dest` through `<dest>.part`; return its sha256.
+
+    Same schemes, retries, resume and cleanup as fetch_archive; `dest` appears only once
+    complete and, when `expected_sha256` is given, verified.
+    """
+    dest = Path(dest)
+    fetcher = _pick_fetcher(uri)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(f"{dest.name}.part")
+    log.info("fetching %s to %s", redact(uri), dest)
+    try:
+        fetcher(uri, part, None, settings)
+        digest = sha256_file(part, settings.chunk_bytes)
+        if expected_sha256 is not None and digest != expected_sha256.strip().lower():
+            raise FerflowError(
+                f"sha256 mismatch for {redact(uri)}: expected {expected_sha256.strip().lower()}, got {digest} "
+                f"({_size(part)} bytes); the download was removed. If the source changed on purpose, "
+                "update the sha256 given for it"
+            )
+    except _ResumableFailure:
+        raise
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    os.replace(part, dest)
+    return digest
+
+
 def archives_from_checksums(sums_file: Path) -> dict[str, dict]:
     """data.archives entries for the zips listed in a `sha256sum`-style file beside them."""
     sums_file = Path(sums_file).resolve()
