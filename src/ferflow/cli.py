@@ -122,6 +122,80 @@ def demo_data(
         out.print(f"params using them: {params_out}")
 
 
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="zoo name (see `ferflow models`) or timm:<arch>")]
+OneDatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="archive name from data.archives")]
+
+
+@app.command()
+def train(
+    dataset: OneDatasetOpt,
+    model: ModelOpt,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Fine-tune a model on a prepared dataset (head, then all layers); resumes a killed run."""
+    cfg = _load(params, set_, verbose)
+    result = stages.train(cfg, dataset, model)
+    best = ", ".join(f"{k} {v:.4f}" for k, v in result.best_metrics.items() if isinstance(v, float))
+    out.print(f"best epoch {result.best_epoch}: {best}")
+    out.print(f"run directory: {result.run_dir}")
+
+
+@app.command()
+def evaluate(
+    dataset: OneDatasetOpt,
+    model: ModelOpt,
+    on: Annotated[
+        Optional[list[str]], typer.Option("--on", help="eval datasets (repeatable; default: all archives)")
+    ] = None,
+    zero_shot: Annotated[
+        bool, typer.Option("--zero-shot", help="evaluate the pretrained head mapped to 3 classes instead")
+    ] = False,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Evaluate a fine-tuned run on the eval split of each dataset (cross-dataset matrix)."""
+    cfg = _load(params, set_, verbose)
+    summary = stages.zero_shot(cfg, model, on) if zero_shot else stages.evaluate(cfg, dataset, model, on)
+    table = Table("evaluated on", "accuracy", "macro-F1", "images")
+    for name, m in summary.items():
+        table.add_row(name, f"{100 * m['accuracy']:.2f} %", f"{m['macro_f1']:.4f}", str(m["n"]))
+    out.print(table)
+
+
+@app.command()
+def report(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Write the models x datasets accuracy table (Markdown + CSV) beside the seed's numbers."""
+    cfg = _load(params, set_, verbose)
+    _results, paths = stages.report(cfg)
+    out.print(paths["markdown"].read_text())
+    out.print(f"written: {paths['markdown']} and {paths['csv']}")
+
+
+@app.command()
+def models(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """List the model zoo with input sizes, heads and the weights params select."""
+    from ferflow.models.zoo import ZOO
+
+    cfg = _load(params, set_, verbose)
+    table = Table("name", "architecture", "input", "head", "classes", "pretrained")
+    for name, e in ZOO.items():
+        table.add_row(name, e.arch, str(e.input_size), e.head, str(len(e.classes) or "-"),
+                      cfg.weights_for(name).pretrained)
+    out.print(table)
+    out.print("any timm architecture: timm:<name>, e.g. timm:tf_efficientnet_b0")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: user errors become one line on stderr and a non-zero exit."""
     try:

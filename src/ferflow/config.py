@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -111,11 +111,108 @@ class PrepareSettings(_Frozen):
 class DemoSettings(_Frozen):
     """Offline demo archives: procedurally drawn faces with visible expressions."""
 
+    # Applied by `ferflow demo-data --params-out` besides pointing data.archives at the
+    # generated archives: a tiny model and size so the quick start runs in minutes.
+    overrides: list[str] = []
+
     out_dir: Path = Path("data/demo")
     images_per_class: int = Field(default=100, ge=3, le=100_000, description="per class per archive")
     image_size: int = Field(default=112, ge=32, le=512)
     eval_fraction: float = Field(default=0.25, gt=0, lt=1)
     seed: int = 0
+
+
+class ModelWeights(_Frozen):
+    """Where a zoo model's pretrained weights come from (a value of `models`)."""
+
+    pretrained: str = Field(default="none", description="none | local path | https/s3/gdrive/file URI")
+    sha256: Optional[str] = Field(default=None, description="verified when given; recorded always")
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not re.fullmatch(r"[0-9a-f]{64}", v.strip().lower()):
+            raise ValueError("must be a sha256 digest: 64 hexadecimal digits")
+        return v.strip().lower() if v else v
+
+
+class StageSettings(_Frozen):
+    epochs: int = Field(ge=0, le=1000)
+    lr: float = Field(gt=0)
+
+
+class AugmentSettings(_Frozen):
+    """Batch augmentation on the training device; all off = HSEmotion's plain recipe."""
+
+    hflip: bool = True
+    rotate_deg: float = Field(default=10.0, ge=0, le=45)
+    translate: float = Field(default=0.05, ge=0, le=0.5, description="fraction of the image size")
+    scale: tuple[float, float] = (0.9, 1.1)
+    erasing_p: float = Field(default=0.25, ge=0, le=1, description="random erasing probability")
+
+
+class OptimizerSettings(_Frozen):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    weight_decay: float = Field(default=0.05, ge=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    sam: bool = False
+    sam_rho: float = Field(default=0.05, gt=0)
+
+
+class LossSettings(_Frozen):
+    label_smoothing: float = Field(default=0.1, ge=0, lt=1)
+    class_weights: Literal["inverse_frequency", "none"] = "inverse_frequency"
+
+
+class EmaSettings(_Frozen):
+    enabled: bool = False
+    decay: float = Field(default=0.999, gt=0, lt=1)
+
+
+class TrainSettings(_Frozen):
+    datasets: list[str] = Field(min_length=1, description="names from data.archives to fine-tune on")
+    models: list[str] = Field(min_length=1, description="zoo names (see `ferflow models`) or timm:<arch>")
+    out_dir: Path = Path("models")
+    input_size: Optional[int] = Field(default=None, ge=16, le=1024, description="override the zoo's size")
+    batch_size: int = Field(default=32, ge=1)
+    head_stage: StageSettings = StageSettings(epochs=1, lr=1e-3)
+    full_stage: StageSettings = StageSettings(epochs=6, lr=2e-4)
+    warmup_fraction: float = Field(default=0.1, ge=0, lt=1, description="of each stage's steps")
+    min_lr_ratio: float = Field(default=0.01, ge=0, le=1)
+    optimizer: OptimizerSettings = OptimizerSettings()
+    loss: LossSettings = LossSettings()
+    sampler: Literal["shuffle", "balanced"] = "shuffle"
+    augment: AugmentSettings = AugmentSettings()
+    ema: EmaSettings = EmaSettings()
+    monitor: Literal["accuracy", "macro_f1"] = "accuracy"
+    early_stopping_patience: int = Field(default=3, ge=0, description="epochs without improvement; 0 = off")
+    grad_clip: float = Field(default=1.0, ge=0, description="max grad norm; 0 = off")
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    deterministic: bool = False
+    threads: int = Field(default=0, ge=0, description="CPU threads; 0 = torch default")
+    workers: int = Field(default=2, ge=0, description="cache prefetch threads")
+    max_steps_per_epoch: Optional[int] = Field(default=None, ge=1, description="cap, for smoke runs")
+
+    @model_validator(mode="after")
+    def _sam_needs_no_scaler(self) -> "TrainSettings":
+        if self.optimizer.sam and self.amp == "fp16":
+            raise ValueError("optimizer.sam does not combine with amp=fp16 (grad scaling); use bf16 or off")
+        return self
+
+
+class EvaluateSettings(_Frozen):
+    out_dir: Path = Path("evaluation")
+    split: Literal["eval", "val", "train"] = "eval"
+    batch_size: int = Field(default=64, ge=1)
+    zero_shot: bool = True
+    surprise: Literal["ignore", "negative", "neutral", "positive"] = "ignore"
+
+
+class ReportSettings(_Frozen):
+    out_dir: Path = Path("reports")
 
 
 class Params(_Frozen):
@@ -124,6 +221,26 @@ class Params(_Frozen):
     fetch: FetchSettings = FetchSettings()
     prepare: PrepareSettings = PrepareSettings()
     demo: DemoSettings = DemoSettings()
+    models: dict[str, ModelWeights] = {}
+    train: Optional[TrainSettings] = None
+    evaluate: EvaluateSettings = EvaluateSettings()
+    report: ReportSettings = ReportSettings()
+
+    @model_validator(mode="after")
+    def _train_names_known(self) -> "Params":
+        if self.train is not None:
+            unknown = [d for d in self.train.datasets if d not in self.data.archives]
+            if unknown:
+                raise ValueError(f"train.datasets names {unknown} not in data.archives ({', '.join(self.data.archives)})")
+        return self
+
+    def weights_for(self, model: str) -> ModelWeights:
+        return self.models.get(model, ModelWeights())
+
+    def require_train(self) -> TrainSettings:
+        if self.train is None:
+            raise ConfigError("params have no `train` section; see params.yaml in the repository")
+        return self.train
 
 
 # ---------------------------------------------------------------------------- loading

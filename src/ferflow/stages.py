@@ -7,7 +7,7 @@ from typing import Iterable, Optional
 
 import yaml
 
-from ferflow.config import ArchiveSpec, Params, dump_params
+from ferflow.config import ArchiveSpec, Params, apply_override, dump_params, parse_override, validate
 from ferflow.errors import FerflowError
 
 
@@ -48,13 +48,17 @@ def demo_data(params: Params, out_dir: Optional[Path] = None, params_out: Option
     archives = generate_demo_archives(params.demo, out_dir)
     if params_out is not None:
         tree = dump_params(params)
+        for text in params.demo.overrides:
+            keys, value = parse_override(text)
+            apply_override(tree, keys, value, origin=f"demo.overrides: {text}")
         sources = demo_sources(archives)
-        if params_out.parent.resolve() != Path.cwd().resolve():
-            # Paths in a params file are read relative to where the stages run (its folder).
+        if not out_dir.is_absolute():
+            # Relative paths in a params file are read from where its stages run: its folder.
             base = params_out.parent.resolve()
             for src in sources:
                 src["uri"] = _relative_to(Path(src["uri"]).resolve(), base)
         tree["data"]["archives"] = {src.pop("name"): src for src in sources}
+        validate(tree, origin=str(params_out))  # never write a params file that would not load
         write_yaml_atomic(params_out, tree)
     return archives
 
@@ -76,3 +80,32 @@ def write_yaml_atomic(path: Path, tree: dict) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise FerflowError(f"cannot write {path}: {exc}") from None
+
+
+def train(params: Params, dataset: str, model: str, callbacks=()):
+    """Fine-tune one zoo model on one prepared dataset (resumes a run dir with last.pt)."""
+    from ferflow.training.trainer import train as train_model
+
+    return train_model(params, dataset, model, callbacks=callbacks)
+
+
+def evaluate(params: Params, dataset: str, model: str, eval_datasets: Optional[Iterable[str]] = None) -> dict:
+    """Cross-dataset evaluation of the run trained on `dataset`."""
+    from ferflow.evaluation.evaluate import evaluate_run
+
+    return evaluate_run(params, dataset, model, eval_datasets)
+
+
+def zero_shot(params: Params, model: str, eval_datasets: Optional[Iterable[str]] = None) -> dict:
+    """The pretrained expression head mapped to 3 classes: the 'before fine-tuning' row."""
+    from ferflow.evaluation.evaluate import evaluate_zero_shot
+
+    return evaluate_zero_shot(params, model, eval_datasets)
+
+
+def report(params: Params):
+    """The models x datasets table beside the seed's published numbers."""
+    from ferflow.evaluation.report import collect_results, write_report
+
+    results = collect_results(params.evaluate.out_dir)
+    return results, write_report(results, params.report.out_dir)

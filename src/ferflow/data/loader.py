@@ -33,7 +33,9 @@ def read_batch(split: CachedSplit, indices: np.ndarray, pin_memory: bool = False
 class EpochBatchSampler(Sampler[np.ndarray]):
     """Index batches; reshuffled per epoch from (seed, epoch) so runs and resumes repeat.
 
-    With `num_replicas > 1` each rank takes an equal, disjoint share (DDP).
+    With `num_replicas > 1` each rank takes a disjoint share: equal sizes (wrapping
+    around) for training, exact shards (`pad=False`) for evaluation. With `weights`,
+    indices are drawn with replacement in proportion to them (class-balanced sampling).
     """
 
     def __init__(
@@ -45,24 +47,32 @@ class EpochBatchSampler(Sampler[np.ndarray]):
         drop_last: bool = False,
         rank: int = 0,
         num_replicas: int = 1,
+        weights: np.ndarray | None = None,
+        pad: bool = True,
     ):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.drop_last, self.rank, self.num_replicas = drop_last, rank, num_replicas
+        self.weights = None if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
+        self.pad = pad
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def _indices(self) -> np.ndarray:
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.weights is not None:
+            order = rng.choice(self.n, size=self.n, replace=True, p=self.weights)
+        elif self.shuffle:
+            order = rng.permutation(self.n)
         else:
             order = np.arange(self.n)
         if self.num_replicas > 1:
-            per_rank = -(-self.n // self.num_replicas)
-            order = np.resize(order, per_rank * self.num_replicas)  # pad by wrapping
+            if self.pad:
+                per_rank = -(-self.n // self.num_replicas)
+                order = np.resize(order, per_rank * self.num_replicas)  # pad by wrapping
             order = order[self.rank :: self.num_replicas]
         return order
 

@@ -1,0 +1,120 @@
+"""Evaluate fine-tuned runs (and pretrained heads zero-shot) on the eval split of every
+dataset: the cross-dataset matrix, written as files per (model, train set, eval set).
+
+    <evaluate.out_dir>/fine-tuned/<train dataset>/<model>/<eval dataset>/metrics.json ...
+    <evaluate.out_dir>/fine-tuned/<train dataset>/<model>/summary.json   (DVC metrics)
+    <evaluate.out_dir>/zero-shot/none/<model>/<eval dataset>/metrics.json ...
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ferflow.config import Params
+from ferflow.data.cache import CachedSplit
+from ferflow.data.layout import CLASSES
+from ferflow.data.loader import CacheLoader, EpochBatchSampler
+from ferflow.errors import FerflowError
+from ferflow.evaluation.metrics import collapse_probs, write_evaluation, zero_shot_mapping
+from ferflow.training import checkpoint as ckpt
+from ferflow.training.augment import Normalize
+from ferflow.training.runtime import select_device
+from ferflow.training.trainer import RUN_JSON, forward_logits, run_dir_for
+
+SUMMARY = "summary.json"
+
+
+def load_run(run_dir: Path, device: torch.device):
+    """The fine-tuned model of a run directory, ready for inference, and its run.json."""
+    from ferflow.models import zoo
+
+    run_dir = Path(run_dir)
+    info_path, weights = run_dir / RUN_JSON, run_dir / ckpt.BEST
+    if not info_path.is_file() or not weights.is_file():
+        raise FerflowError(f"{run_dir}: no trained model (run.json / {ckpt.BEST} missing); run `ferflow train` first")
+    info = json.loads(info_path.read_text())
+    entry = zoo.resolve(info["model"])
+    model = zoo.build_model(entry, num_classes=len(CLASSES))
+    model.load_state_dict(ckpt.load_weights(weights), strict=True)
+    return model.to(device).eval(), entry, info
+
+
+@torch.no_grad()
+def predict(model, entry, split: CachedSplit, batch_size: int, device: torch.device, head=None) -> np.ndarray:
+    """Softmax probabilities for every image of a cached split, in cache order."""
+    from ferflow.models import zoo
+
+    cfg = zoo.data_config(entry)
+    normalize = Normalize(cfg["mean"], cfg["std"], device)
+    loader = CacheLoader(split, EpochBatchSampler(len(split), batch_size, shuffle=False), workers=1)
+    out = []
+    for images, _labels in loader:  # labels come sorted with images; order is the cache order
+        x = normalize(images.to(device)).contiguous(memory_format=torch.channels_last)
+        logits = head(model, x) if head is not None else forward_logits(model, x)[0]
+        out.append(torch.softmax(logits.float(), dim=1).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, len(CLASSES)))
+
+
+def _manifest_paths(data_dir: Path, split: str) -> list[str]:
+    manifest = pd.read_parquet(data_dir / "manifest.parquet", columns=["path", "split", "cache_index"])
+    return manifest[manifest["split"] == split].sort_values("cache_index")["path"].tolist()
+
+
+def evaluate_run(params: Params, dataset: str, model_name: str, eval_datasets: Optional[Iterable[str]] = None) -> dict:
+    """Evaluate the run trained on `dataset` on the eval split of each eval dataset."""
+    device = select_device(params.require_train().device)
+    run_dir = run_dir_for(params, dataset, model_name)
+    model, entry, info = load_run(run_dir, device)
+    size = info["input_size"]
+    out_root = params.evaluate.out_dir / "fine-tuned" / dataset / model_name
+    summary = {}
+    for eval_ds in eval_datasets or list(params.data.archives):
+        data_dir = params.data.prepared_dir / eval_ds
+        split = CachedSplit(data_dir, params.evaluate.split, size)
+        probs = predict(model, entry, split, params.evaluate.batch_size, device)
+        meta = {"model": model_name, "train_dataset": dataset, "eval_dataset": eval_ds,
+                "split": params.evaluate.split, "stage": "fine-tuned", "input_size": size}
+        metrics = write_evaluation(out_root / eval_ds, split.labels, probs.argmax(1), probs, CLASSES, meta,
+                                   paths=_manifest_paths(data_dir, params.evaluate.split))
+        summary[eval_ds] = {k: metrics[k] for k in ("accuracy", "macro_f1", "n")}
+    ckpt.atomic_write_json(out_root / SUMMARY, summary)
+    return summary
+
+
+def evaluate_zero_shot(params: Params, model_name: str, eval_datasets: Optional[Iterable[str]] = None) -> dict:
+    """The pretrained 7/8-class head mapped to 3 classes, before any fine-tuning."""
+    from ferflow.models import zoo
+    from ferflow.models.weights import load_pretrained
+    from ferflow.training.trainer import _weights_cache
+
+    entry = zoo.resolve(model_name)
+    if not entry.classes:
+        raise FerflowError(f"{model_name}: no pretrained expression head to evaluate zero-shot")
+    weights_cfg = params.weights_for(model_name)
+    pretrained = load_pretrained(weights_cfg.pretrained, _weights_cache(), weights_cfg.sha256, params.fetch)
+    if pretrained is None:
+        raise FerflowError(f"{model_name}: zero-shot needs pretrained weights; set models.{model_name}.pretrained")
+    device = select_device(params.require_train().device)
+    model = zoo.build_model(entry, pretrained=pretrained).to(device).eval()
+    mapping = zero_shot_mapping(entry.classes, params.evaluate.surprise)
+    size = params.require_train().input_size or entry.input_size
+    head = lambda m, x: zoo.zero_shot_forward(m, entry, x)  # noqa: E731
+    out_root = params.evaluate.out_dir / "zero-shot" / "none" / model_name
+    summary = {}
+    for eval_ds in eval_datasets or list(params.data.archives):
+        data_dir = params.data.prepared_dir / eval_ds
+        split = CachedSplit(data_dir, params.evaluate.split, size)
+        probs = collapse_probs(predict(model, entry, split, params.evaluate.batch_size, device, head=head), mapping)
+        meta = {"model": model_name, "train_dataset": "none", "eval_dataset": eval_ds,
+                "split": params.evaluate.split, "stage": "zero-shot", "surprise": params.evaluate.surprise}
+        metrics = write_evaluation(out_root / eval_ds, split.labels, probs.argmax(1), probs, CLASSES, meta,
+                                   paths=_manifest_paths(data_dir, params.evaluate.split))
+        summary[eval_ds] = {k: metrics[k] for k in ("accuracy", "macro_f1", "n")}
+    ckpt.atomic_write_json(out_root / SUMMARY, summary)
+    return summary

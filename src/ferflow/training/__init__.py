@@ -1,0 +1,1 @@
+"""Fine-tuning: the loop, losses, schedules, augmentation and checkpoint/resume."""

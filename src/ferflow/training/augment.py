@@ -1,0 +1,77 @@
+"""Normalisation and augmentation of uint8 batches on the training device.
+
+The cache hands over uint8 NCHW tensors; everything else happens here, batched, so the
+input path costs no per-image Python work (timm-style GPU augmentation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ferflow.config import AugmentSettings
+
+
+class Normalize:
+    """uint8 [0, 255] -> float, (x - mean) / std, in one fused pass per batch."""
+
+    def __init__(self, mean: tuple, std: tuple, device: torch.device, dtype: torch.dtype = torch.float32):
+        self.scale = (1.0 / (255.0 * torch.tensor(std, device=device, dtype=dtype))).view(1, 3, 1, 1)
+        self.shift = (-torch.tensor(mean, device=device, dtype=dtype) / torch.tensor(std, device=device, dtype=dtype)).view(1, 3, 1, 1)
+        self.dtype = dtype
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift, images.to(self.dtype), self.scale)
+
+
+def augment(x: torch.Tensor, cfg: AugmentSettings) -> torch.Tensor:
+    """Random flip, affine (rotate/translate/scale) and erasing on a normalised batch.
+
+    Uses the global torch RNG of x's device, so seeded runs (and resumed ones, which
+    restore the RNG state) draw the same augmentations.
+    """
+    n = x.shape[0]
+    if cfg.hflip:
+        flip = torch.rand(n, device=x.device) < 0.5
+        x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+    lo, hi = cfg.scale
+    if cfg.rotate_deg > 0 or cfg.translate > 0 or lo != 1.0 or hi != 1.0:
+        x = _random_affine(x, cfg.rotate_deg, cfg.translate, lo, hi)
+    if cfg.erasing_p > 0:
+        x = _random_erase(x, cfg.erasing_p)
+    return x
+
+
+def _random_affine(x: torch.Tensor, degrees: float, translate: float, lo: float, hi: float) -> torch.Tensor:
+    n = x.shape[0]
+    dev = x.device
+    angle = (torch.rand(n, device=dev) * 2 - 1) * math.radians(degrees)
+    zoom = lo + torch.rand(n, device=dev) * (hi - lo)
+    shift = (torch.rand(n, 2, device=dev) * 2 - 1) * translate * 2  # grid coords span 2
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    # Zero in normalised space is the mean colour: a neutral fill for exposed corners.
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _random_erase(x: torch.Tensor, p: float, area: tuple = (0.02, 0.2), ratio: tuple = (0.3, 3.3)) -> torch.Tensor:
+    n, _, h, w = x.shape
+    dev = x.device
+    apply = torch.rand(n, device=dev) < p
+    target = torch.empty(n, device=dev).uniform_(*area) * h * w
+    log_r = torch.empty(n, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    eh = (target * torch.exp(log_r)).sqrt().clamp(1, h)
+    ew = (target / torch.exp(log_r)).sqrt().clamp(1, w)
+    top = torch.rand(n, device=dev) * (h - eh)
+    left = torch.rand(n, device=dev) * (w - ew)
+    rows = torch.arange(h, device=dev).view(1, h, 1)
+    cols = torch.arange(w, device=dev).view(1, 1, w)
+    box = (
+        (rows >= top.view(n, 1, 1)) & (rows < (top + eh).view(n, 1, 1))
+        & (cols >= left.view(n, 1, 1)) & (cols < (left + ew).view(n, 1, 1))
+        & apply.view(n, 1, 1)
+    )
+    return x.masked_fill(box.unsqueeze(1), 0.0)
