@@ -33,7 +33,7 @@ demo: $(STAMP)
 	cd $(DEMO) && $(BIN)/dvc remote add -f -d \
 	  $$(cd .. && $(BIN)/dvc remote list --project | awk 'NR==1{print $$1, $$2}')
 	cd $(DEMO) && $(BIN)/dvc repro
-	@echo "demo done: reports under $(DEMO)/data/prepared/*/report.json"
+	@echo "demo done: results table $(DEMO)/reports/results.md; data reports $(DEMO)/data/prepared/*/report.json"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py

@@ -64,9 +64,9 @@ def test_bad_values_name_the_key(params_file, override, key):
 def test_bad_override_syntax_and_index(params_file):
     with pytest.raises(ConfigError, match="expected dotted.key=value"):
         load_params(params_file, ["fetch.retries"])
-    with pytest.raises(ConfigError, match="list index must be 0..0"):
+    with pytest.raises(ConfigError, match="list index must be 0..1"):
         load_params(params_file, ["prepare.image_sizes.3=64"])
-    assert load_params(params_file, ["prepare.image_sizes.0=64"]).prepare.image_sizes == [64]
+    assert load_params(params_file, ["prepare.image_sizes.0=64"]).prepare.image_sizes == [64, 260]
 
 
 def test_archive_names_must_be_portable(params_file):

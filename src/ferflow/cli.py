@@ -15,7 +15,7 @@ from rich.table import Table
 
 from ferflow import __version__, stages
 from ferflow.config import Params, load_params
-from ferflow.errors import FerflowError
+from ferflow.errors import ConfigError, FerflowError
 
 app = typer.Typer(
     name="ferflow",
@@ -144,8 +144,10 @@ def train(
 
 @app.command()
 def evaluate(
-    dataset: OneDatasetOpt,
     model: ModelOpt,
+    dataset: Annotated[
+        Optional[str], typer.Option("--dataset", "-d", help="the dataset the model was fine-tuned on")
+    ] = None,
     on: Annotated[
         Optional[list[str]], typer.Option("--on", help="eval datasets (repeatable; default: all archives)")
     ] = None,
@@ -158,7 +160,12 @@ def evaluate(
 ) -> None:
     """Evaluate a fine-tuned run on the eval split of each dataset (cross-dataset matrix)."""
     cfg = _load(params, set_, verbose)
+    if not zero_shot and dataset is None:
+        raise ConfigError("ferflow evaluate: --dataset is required (the dataset the model was fine-tuned on)")
     summary = stages.zero_shot(cfg, model, on) if zero_shot else stages.evaluate(cfg, dataset, model, on)
+    if not summary:
+        out.print(f"{model}: nothing to evaluate zero-shot (no pretrained expression head or weights)")
+        return
     table = Table("evaluated on", "accuracy", "macro-F1", "images")
     for name, m in summary.items():
         table.add_row(name, f"{100 * m['accuracy']:.2f} %", f"{m['macro_f1']:.4f}", str(m["n"]))

@@ -177,6 +177,7 @@ class TrainSettings(_Frozen):
     batch_size: int = Field(default=32, ge=1)
     head_stage: StageSettings = StageSettings(epochs=1, lr=1e-3)
     full_stage: StageSettings = StageSettings(epochs=6, lr=2e-4)
+    schedule: Literal["cosine", "constant"] = "cosine"
     warmup_fraction: float = Field(default=0.1, ge=0, lt=1, description="of each stage's steps")
     min_lr_ratio: float = Field(default=0.01, ge=0, le=1)
     optimizer: OptimizerSettings = OptimizerSettings()

@@ -137,3 +137,16 @@ def test_sam_reduces_a_quadratic():
 
         opt.step(closure)
     assert float((w.detach() ** 2).sum()) < 1e-3
+
+
+def test_resume_only_continues_the_same_recipe(demo_workspace, tmp_path):
+    out = f"train.out_dir={tmp_path / 'm'}"
+    first = stages.train(load(demo_workspace, out, "train.full_stage.epochs=1"), "LFW-FER", "demo_tiny")
+    assert first.epochs_run == 2
+    # same recipe, nothing left to do: resumes after epoch 2 and stops
+    again = stages.train(load(demo_workspace, out, "train.full_stage.epochs=1"), "LFW-FER", "demo_tiny")
+    assert again.resumed_from_epoch == 2 and again.epochs_run == 2
+    # another learning rate is another recipe: last.pt is not trusted, training restarts
+    changed = stages.train(load(demo_workspace, out, "train.full_stage.epochs=1", "train.full_stage.lr=0.0005"),
+                           "LFW-FER", "demo_tiny")
+    assert changed.resumed_from_epoch == 0 and changed.epochs_run == 2

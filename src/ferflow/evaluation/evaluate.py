@@ -2,13 +2,14 @@
 dataset: the cross-dataset matrix, written as files per (model, train set, eval set).
 
     <evaluate.out_dir>/fine-tuned/<train dataset>/<model>/<eval dataset>/metrics.json ...
-    <evaluate.out_dir>/fine-tuned/<train dataset>/<model>/summary.json   (DVC metrics)
+    <evaluate.out_dir>/fine-tuned/<train dataset>/<model>.json   (summary; DVC metrics)
     <evaluate.out_dir>/zero-shot/none/<model>/<eval dataset>/metrics.json ...
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -27,7 +28,7 @@ from ferflow.training.augment import Normalize
 from ferflow.training.runtime import select_device
 from ferflow.training.trainer import RUN_JSON, forward_logits, run_dir_for
 
-SUMMARY = "summary.json"
+log = logging.getLogger(__name__)
 
 
 def load_run(run_dir: Path, device: torch.device):
@@ -83,8 +84,26 @@ def evaluate_run(params: Params, dataset: str, model_name: str, eval_datasets: O
         metrics = write_evaluation(out_root / eval_ds, split.labels, probs.argmax(1), probs, CLASSES, meta,
                                    paths=_manifest_paths(data_dir, params.evaluate.split))
         summary[eval_ds] = {k: metrics[k] for k in ("accuracy", "macro_f1", "n")}
-    ckpt.atomic_write_json(out_root / SUMMARY, summary)
+        if eval_ds == dataset:  # in-domain predictions, for DVC's confusion-matrix plot
+            in_domain = out_root / eval_ds / "predictions.csv"
+            ckpt.atomic_write_bytes(out_root.with_name(f"{model_name}.predictions.csv"), in_domain.read_bytes())
+    ckpt.atomic_write_json(summary_path(out_root), summary)
     return summary
+
+
+def summary_path(out_root: Path) -> Path:
+    """`<model>.json` beside the model's folder: DVC metrics may not sit inside an output."""
+    return out_root.with_name(f"{out_root.name}.json")
+
+
+def _zero_shot_skip_reason(params: Params, entry, pretrained: str) -> Optional[str]:
+    if not params.evaluate.zero_shot:
+        return "evaluate.zero_shot is false"
+    if not entry.classes:
+        return "the model has no pretrained facial-expression head"
+    if pretrained.strip().lower() in ("", "none"):
+        return f"models.{entry.name}.pretrained is none"
+    return None
 
 
 def evaluate_zero_shot(params: Params, model_name: str, eval_datasets: Optional[Iterable[str]] = None) -> dict:
@@ -94,18 +113,22 @@ def evaluate_zero_shot(params: Params, model_name: str, eval_datasets: Optional[
     from ferflow.training.trainer import _weights_cache
 
     entry = zoo.resolve(model_name)
-    if not entry.classes:
-        raise FerflowError(f"{model_name}: no pretrained expression head to evaluate zero-shot")
+    out_root = params.evaluate.out_dir / "zero-shot" / "none" / model_name
     weights_cfg = params.weights_for(model_name)
+    why_not = _zero_shot_skip_reason(params, entry, weights_cfg.pretrained)
+    if why_not:
+        # A DAG runs this stage for every model; one without an expression head has no
+        # "before fine-tuning" row, which is recorded rather than failed.
+        log.info("%s: no zero-shot evaluation: %s", model_name, why_not)
+        ckpt.atomic_write_json(out_root.with_name(f"{model_name}.json"), {"skipped": why_not})
+        out_root.mkdir(parents=True, exist_ok=True)
+        return {}
     pretrained = load_pretrained(weights_cfg.pretrained, _weights_cache(), weights_cfg.sha256, params.fetch)
-    if pretrained is None:
-        raise FerflowError(f"{model_name}: zero-shot needs pretrained weights; set models.{model_name}.pretrained")
     device = select_device(params.require_train().device)
     model = zoo.build_model(entry, pretrained=pretrained).to(device).eval()
     mapping = zero_shot_mapping(entry.classes, params.evaluate.surprise)
     size = params.require_train().input_size or entry.input_size
     head = lambda m, x: zoo.zero_shot_forward(m, entry, x)  # noqa: E731
-    out_root = params.evaluate.out_dir / "zero-shot" / "none" / model_name
     summary = {}
     for eval_ds in eval_datasets or list(params.data.archives):
         data_dir = params.data.prepared_dir / eval_ds
@@ -116,5 +139,5 @@ def evaluate_zero_shot(params: Params, model_name: str, eval_datasets: Optional[
         metrics = write_evaluation(out_root / eval_ds, split.labels, probs.argmax(1), probs, CLASSES, meta,
                                    paths=_manifest_paths(data_dir, params.evaluate.split))
         summary[eval_ds] = {k: metrics[k] for k in ("accuracy", "macro_f1", "n")}
-    ckpt.atomic_write_json(out_root / SUMMARY, summary)
+    ckpt.atomic_write_json(summary_path(out_root), summary)
     return summary

@@ -11,6 +11,8 @@ Run directory (`train.out_dir/<dataset>/<model>/`):
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -58,6 +60,19 @@ class TrainResult:
     resumed_from_epoch: int = 0
 
 
+# Keys of `train` that change how fast a run goes but not what it computes.
+_NOT_RECIPE = ("out_dir", "workers", "threads", "datasets", "models")
+
+
+def recipe_hash(params: Params, dataset: str, model_name: str) -> str:
+    """Identifies what a run computes: a resume only continues a run with the same hash."""
+    train = {k: v for k, v in params.require_train().model_dump(mode="json").items() if k not in _NOT_RECIPE}
+    blob = {"seed": params.seed, "dataset": dataset, "model": model_name, "train": train,
+            "weights": params.weights_for(model_name).model_dump(mode="json"),
+            "archive_sha256": params.data.archive(dataset).sha256}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def run_dir_for(params: Params, dataset: str, model_name: str) -> Path:
     return params.require_train().out_dir / dataset / model_name
 
@@ -86,7 +101,12 @@ def train(
         pretrained = load_pretrained(weights_cfg.pretrained, _weights_cache(), weights_cfg.sha256, params.fetch)
         model = zoo.build_model(entry, num_classes=len(CLASSES), pretrained=pretrained)
         loop = _Loop(cfg, params.seed, entry, model, train_split, val_split, rt)
+        # Pretrained BN statistics are worth keeping while only the head learns; random
+        # ones are not (the head would fit features that change once BN runs in train mode).
+        loop.freeze_bn_in_head_stage = pretrained is not None
+        loop.recipe = recipe_hash(params, dataset, model_name)
         info = {
+            "recipe_hash": loop.recipe,
             "dataset": dataset, "model": model_name, "arch": entry.arch, "input_size": size,
             "weights_source": pretrained.source if pretrained else "none",
             "weights_sha256": pretrained.sha256 if pretrained else None,
@@ -163,6 +183,8 @@ class _Loop:
         val_sampler = EpochBatchSampler(len(val_split), cfg.batch_size * 2, False, seed, False, rt.rank, rt.world_size, pad=False)
         self.val_loader = CacheLoader(val_split, val_sampler, cfg.workers, rt.device.type == "cuda")
         self.stages = [("head", cfg.head_stage), ("full", cfg.full_stage)]
+        self.recipe = ""
+        self.freeze_bn_in_head_stage = True
 
     def _criterion(self) -> nn.Module:
         if self.entry.head == "dan":
@@ -193,7 +215,10 @@ class _Loop:
         trainable = list(self.model.parameters()) + list(self.criterion.parameters())
         opt = build_optimizer(trainable, self.cfg.optimizer, stage.lr)
         steps = stage.epochs * self._steps_per_epoch()
-        factor = cosine_with_warmup(steps, self.cfg.warmup_fraction, self.cfg.min_lr_ratio)
+        if self.cfg.schedule == "constant":
+            factor = lambda _step: 1.0  # noqa: E731
+        else:
+            factor = cosine_with_warmup(steps, self.cfg.warmup_fraction, self.cfg.min_lr_ratio)
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
     def _steps_per_epoch(self) -> int:
@@ -241,7 +266,7 @@ class _Loop:
                         "epoch": epoch, "model": self.model.state_dict(), "optimizer": opt.state_dict(),
                         "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
                         "ema": self.ema.state_dict() if self.ema else None, "rng": ckpt.rng_state(),
-                        "criterion": self.criterion.state_dict(),
+                        "criterion": self.criterion.state_dict(), "recipe": self.recipe,
                         "history": history, "best": best, "stale": stale, "stopped": stopped,
                     })
                 for cb in callbacks:
@@ -263,6 +288,10 @@ class _Loop:
         if not path.is_file():
             return {}
         state = ckpt.load_last(path)
+        if state.get("recipe") != self.recipe:
+            log.warning("%s was written with other params (recipe %s, now %s); training from the start",
+                        path, state.get("recipe"), self.recipe)
+            return {}
         self.model.load_state_dict(state["model"])
         self.criterion.load_state_dict(state["criterion"])
         if self.ema is not None and state.get("ema") is not None:
@@ -281,8 +310,8 @@ class _Loop:
     def _epoch(self, epoch: int, stage: str, opt, sched, scaler) -> dict:
         self.train_loader.set_epoch(epoch)
         self.net.train()
-        if stage == "head":
-            _freeze_batchnorm(self.model)  # stage 1 keeps the pretrained statistics
+        if stage == "head" and self.freeze_bn_in_head_stage:
+            _freeze_batchnorm(self.model)
         total_loss, correct, seen = 0.0, 0, 0
         steps = self._steps_per_epoch()
         progress = _Progress(f"epoch {epoch} ({stage})", steps, enabled=self.rt.is_main)

@@ -1,0 +1,208 @@
+"""Training benchmarks (issue 3), each measured side by side in one run.
+
+P3 input path: end-to-end training images/s (cache -> normalise -> augment -> step) divided
+   by model-only images/s (random tensors already in memory), tf_efficientnet_b0, batch 32.
+P4 epoch time: ferflow's loop vs a reference loop (torchvision ImageFolder + PIL
+   Resize/ToTensor/Normalize, plain NCHW model), same model, batch, threads and images.
+P2 recipe: fer7_b0_112 fine-tuned on the stand-in LFW-FER with ferflow's default recipe vs
+   HSEmotion's (Adam+SAM, no augmentation, constant lr, batch 64), same init and epochs.
+
+    python benchmarks/bench_train.py p3 p4 [--images 320]
+    python benchmarks/bench_train.py p2 [--head-epochs 1 --full-epochs 3 --size 112]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ferflow import stages
+from ferflow.config import load_params
+from ferflow.data.sources import archives_from_checksums
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+STANDIN = Path(os.environ.get("FERFLOW_STANDIN", SHARED / "datasets" / "lfw-emotion-standin"))
+FER7 = Path(os.environ.get("FERFLOW_FER7", SHARED / "models" / "fer7-b0-112" / "fer7_b0_112.pt"))
+WORK = REPO / "benchmarks" / "out"
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+HSEMOTION_RECIPE = [  # FACTS.md: the HSEmotion training notebook
+    "train.optimizer.name=adam", "train.optimizer.weight_decay=0", "train.optimizer.sam=true",
+    "train.optimizer.sam_rho=0.05", "train.schedule=constant", "train.batch_size=64",
+    "train.augment.hflip=false", "train.augment.rotate_deg=0", "train.augment.translate=0",
+    "train.augment.scale=[1.0, 1.0]", "train.augment.erasing_p=0", "train.loss.label_smoothing=0.1",
+    "train.loss.class_weights=inverse_frequency", "train.grad_clip=0", "train.early_stopping_patience=0",
+]
+
+
+def standin_params(size: int, extra: list[str] = ()):
+    archives = archives_from_checksums(STANDIN / "SHA256SUMS")
+    return load_params(REPO / "params.yaml", [
+        f"data.archives={json.dumps(archives)}",
+        f"data.raw_dir={WORK / 'raw'}", f"data.prepared_dir={WORK / f'prepared-{size}'}",
+        f"prepare.image_sizes=[{size}]", "fetch.progress=false",
+        f"models.fer7_b0_112.pretrained={FER7}", f"train.input_size={size}",
+        f"evaluate.out_dir={WORK / 'evaluation'}", *extra,
+    ])
+
+
+def ensure_prepared(params, names=("LFW-FER",)) -> None:
+    todo = [n for n in names if not (params.data.prepared_dir / n / "manifest.parquet").is_file()]
+    if todo:
+        stages.fetch(params, todo)
+        stages.prepare(params, todo)
+
+
+# ---------------------------------------------------------------------------- P3 / P4
+
+
+def model_only_ips(batch: int, size: int, steps: int, channels_last: bool) -> float:
+    import timm
+
+    model = timm.create_model("tf_efficientnet_b0", num_classes=3)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
+    y = torch.randint(0, 3, (batch,))
+    for i in range(steps + 1):
+        if i == 1:
+            start = time.perf_counter()  # first step warms up allocators
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+    return steps * batch / (time.perf_counter() - start)
+
+
+def ferflow_ips(params, steps: int) -> tuple[float, float]:
+    """(images/s inside the training epoch, wall seconds for the epoch incl. start-up)."""
+    out = WORK / "runs" / "p3"
+    shutil.rmtree(out, ignore_errors=True)
+    p = load_params_like(params, [f"train.out_dir={out}", f"train.max_steps_per_epoch={steps}",
+                                  "train.head_stage.epochs=0", "train.full_stage.epochs=1"])
+    start = time.perf_counter()
+    result = stages.train(p, "LFW-FER", "timm:tf_efficientnet_b0")
+    return result.history[-1]["images_per_s"], time.perf_counter() - start
+
+
+def reference_epoch_seconds(root: Path, size: int, batch: int, images: int, workers: int) -> float:
+    import timm
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    ds = torch.utils.data.Subset(datasets.ImageFolder(str(root), transform=tf), range(images))
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True)
+    model = timm.create_model("tf_efficientnet_b0", num_classes=3).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    start = time.perf_counter()
+    for x, y in loader:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+    return time.perf_counter() - start
+
+
+def load_params_like(params, extra: list[str]):
+    from ferflow.config import Params, apply_override, parse_override
+
+    tree = params.model_dump(mode="json")
+    for text in extra:
+        keys, value = parse_override(text)
+        apply_override(tree, keys, value, origin=text)
+    return Params.model_validate(tree)
+
+
+def run_p3_p4(args) -> None:
+    size, batch = 224, 32
+    params = standin_params(size, ["train.workers=2", "train.early_stopping_patience=0", f"train.batch_size={batch}"])
+    ensure_prepared(params)
+    steps = args.images // batch
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores, {threads} threads, batch {batch}, {size}px")
+
+    print(f"\nP3 input path ({steps} steps of {batch})")
+    ours, _ = ferflow_ips(params, steps)
+    model_only = model_only_ips(batch, size, steps, channels_last=True)
+    print(f"  end-to-end ferflow   {ours:8.1f} img/s")
+    print(f"  model only (in RAM)  {model_only:8.1f} img/s")
+    print(f"  ratio                {ours / model_only:8.3f}   (goal >= 0.95)")
+
+    print(f"\nP4 epoch time over the same {steps * batch} images")
+    extracted = WORK / "extracted" / "LFW-FER"
+    if not extracted.exists():
+        shutil.unpack_archive(WORK / "raw" / "LFW-FER.zip", extracted)
+    train_root = next(extracted.rglob("train"))
+    ref = reference_epoch_seconds(train_root, size, batch, steps * batch, workers=2)
+    _, ours_wall = ferflow_ips(params, steps)
+    print(f"  reference ImageFolder loop  {ref:8.1f} s")
+    print(f"  ferflow epoch (incl. setup) {ours_wall:8.1f} s")
+    print(f"  speed-up                    {ref / ours_wall:8.2f}x   (goal >= 1.5x)")
+
+
+# ---------------------------------------------------------------------------- P2
+
+
+def run_p2(args) -> None:
+    if not FER7.is_file():
+        sys.exit(f"fer7 checkpoint not found at {FER7} (set FERFLOW_FER7)")
+    budget = [f"train.head_stage.epochs={args.head_epochs}", f"train.full_stage.epochs={args.full_epochs}",
+              "train.early_stopping_patience=0", "train.workers=2"]
+    params = standin_params(args.size, budget)
+    ensure_prepared(params)
+    recipes = {
+        "ferflow default": [],
+        "HSEmotion": HSEMOTION_RECIPE + ["train.head_stage.lr=0.001", "train.full_stage.lr=0.0001"],
+    }
+    rows = {}
+    for name, overrides in recipes.items():
+        tag = name.split()[0].lower()
+        p = load_params_like(params, [f"train.out_dir={WORK / 'runs' / f'p2-{tag}'}",
+                                      f"evaluate.out_dir={WORK / 'evaluation' / f'p2-{tag}'}", *overrides])
+        shutil.rmtree(p.train.out_dir, ignore_errors=True)
+        start = time.perf_counter()
+        stages.train(p, "LFW-FER", "fer7_b0_112")
+        summary = stages.evaluate(p, "LFW-FER", "fer7_b0_112", ["LFW-FER"])["LFW-FER"]
+        rows[name] = (summary, time.perf_counter() - start)
+        print(f"{name}: {summary}", flush=True)
+    zero = stages.zero_shot(params, "fer7_b0_112", ["LFW-FER"])["LFW-FER"]
+    print(f"\nP2 recipe on stand-in LFW-FER eval, fer7_b0_112 at {args.size}px, "
+          f"{args.head_epochs}+{args.full_epochs} epochs")
+    print(f"{'recipe':<18}{'accuracy':>10}{'macro-F1':>10}{'minutes':>9}")
+    print(f"{'zero-shot':<18}{100 * zero['accuracy']:>10.2f}{100 * zero['macro_f1']:>10.2f}{'-':>9}")
+    for name, (m, secs) in rows.items():
+        print(f"{name:<18}{100 * m['accuracy']:>10.2f}{100 * m['macro_f1']:>10.2f}{secs / 60:>9.1f}")
+    ours, hse = rows["ferflow default"][0], rows["HSEmotion"][0]
+    print(f"delta (ours - HSEmotion): accuracy {100 * (ours['accuracy'] - hse['accuracy']):+.2f} points, "
+          f"macro-F1 {100 * (ours['macro_f1'] - hse['macro_f1']):+.2f} points (goal >= +2)")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("which", nargs="+", choices=["p2", "p3", "p4"])
+    ap.add_argument("--images", type=int, default=320, help="P3/P4: images per measurement")
+    ap.add_argument("--size", type=int, default=112, help="P2 input size")
+    ap.add_argument("--head-epochs", type=int, default=1)
+    ap.add_argument("--full-epochs", type=int, default=3)
+    args = ap.parse_args()
+    if not (STANDIN / "SHA256SUMS").is_file():
+        sys.exit(f"stand-in archives not found at {STANDIN} (set FERFLOW_STANDIN)")
+    WORK.mkdir(parents=True, exist_ok=True)
+    if "p3" in args.which or "p4" in args.which:
+        run_p3_p4(args)
+    if "p2" in args.which:
+        run_p2(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
