@@ -163,3 +163,34 @@ def test_worker_processes_give_identical_outputs(tmp_path, raw):
         assert np.array_equal(CachedSplit(outputs[1], split, 16).images, CachedSplit(outputs[2], split, 16).images)
     reports = [json.loads((outputs[w] / "report.json").read_text()) for w in (1, 2)]
     assert reports[0] == reports[1] and len(reports[0]["quarantined"]) == 1
+
+
+def _hostile(path, kind):
+    import stat
+
+    if kind == "not-a-zip":
+        path.write_bytes(b"PK\x03\x04 this is not really a zip archive")
+        return path
+    make_archive(path)
+    with zipfile.ZipFile(path, "a") as zf:
+        if kind == "zip-slip":
+            zf.writestr("Set/train/positive/../../../../evil_0001.jpg", jpeg(7))
+        elif kind == "absolute":
+            zf.writestr("/etc/evil_0001.jpg", jpeg(7))
+        elif kind == "symlink":
+            info = zipfile.ZipInfo("Set/train/positive/link_0001.jpg")
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, "/etc/passwd")
+    return path
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("not-a-zip", "not a valid zip"), ("zip-slip", "outside"), ("absolute", "absolute path"),
+    ("symlink", "symbolic link"),
+])
+def test_hostile_archives_are_refused_before_any_output(tmp_path, raw, kind, message):
+    archive = _hostile(raw / "Set.zip", kind)
+    with pytest.raises(FerflowError, match=message):
+        run(tmp_path, archive)
+    assert not (tmp_path / "prepared").exists() or list((tmp_path / "prepared").iterdir()) == []
+    assert not list(tmp_path.rglob("evil*"))
