@@ -216,6 +216,31 @@ class ReportSettings(_Frozen):
     out_dir: Path = Path("reports")
 
 
+class TrackingSettings(_Frozen):
+    """MLflow. MLFLOW_TRACKING_URI (and the standard MLflow auth variables) override the
+    embedded default; credentials never belong here."""
+
+    enabled: bool = True
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    artifact_location: str = Field(default="mlruns/artifacts", description="for experiments created on the embedded store")
+    experiment: str = "ferflow"
+    timeout_s: float = Field(default=10.0, gt=0, description="per MLflow HTTP request")
+    max_retries: int = Field(default=2, ge=0, le=10)
+    log_system_metrics: bool = True
+    log_model: bool = True
+
+
+class RegistrySettings(_Frozen):
+    """One registered model per dataset; promotion moves the `champion` alias by a gate."""
+
+    names: dict[str, str] = Field(default_factory=dict, description="dataset -> registered model name")
+    metric: str = "eval_accuracy"
+    min_delta: float = Field(default=0.0, ge=0)
+
+    def name_for(self, dataset: str) -> str:
+        return self.names.get(dataset) or f"ferflow-{dataset.lower()}"
+
+
 class Params(_Frozen):
     seed: int = 42
     data: DataSettings
@@ -226,6 +251,8 @@ class Params(_Frozen):
     train: Optional[TrainSettings] = None
     evaluate: EvaluateSettings = EvaluateSettings()
     report: ReportSettings = ReportSettings()
+    tracking: TrackingSettings = TrackingSettings()
+    registry: RegistrySettings = RegistrySettings()
 
     @model_validator(mode="after")
     def _train_names_known(self) -> "Params":
