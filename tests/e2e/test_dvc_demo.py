@@ -33,7 +33,8 @@ def workspace(tmp_path_factory):
     run(["ferflow", "demo-data", "--out", "archives", "--params-out", "params.yaml",
          "--params", str(REPO / "params.yaml"),
          "--set", "demo.images_per_class=20", "--set", "demo.image_size=48",
-         "--set", "prepare.image_sizes=[32]"], cwd=ws)
+         "--set", "demo.overrides=['prepare.image_sizes=[32]', 'train.models=[demo_tiny]', 'train.input_size=32',"
+                  " 'train.full_stage.epochs=1', 'train.workers=0']"], cwd=ws)
     shutil.copy(REPO / "dvc.yaml", ws / "dvc.yaml")
     (ws / "src").symlink_to(REPO / "src")
     run(["dvc", "init", "--no-scm", "-q"], cwd=ws)
@@ -46,8 +47,12 @@ def workspace(tmp_path_factory):
 
 def test_repro_runs_every_stage_then_nothing(workspace):
     first = run(["dvc", "repro"], cwd=workspace).stdout
-    for stage in ("fetch@LFW-FER", "fetch@M-LFW-FER", "prepare@M-LFW-FER-face-cut"):
+    for stage in ("fetch@LFW-FER", "fetch@M-LFW-FER", "prepare@M-LFW-FER-face-cut", "train@LFW-FER-demo_tiny",
+                  "evaluate@M-LFW-FER-demo_tiny", "zero-shot@demo_tiny", "report"):
         assert f"Running stage '{stage}'" in first
+    assert "| M-LFW-FER | demo_tiny |" in (workspace / "reports/results.md").read_text()
+    metrics = run(["dvc", "metrics", "show", "--json"], cwd=workspace).stdout
+    assert "val_accuracy" in metrics and "LFW-FER" in metrics
     report = json.loads((workspace / "data/prepared/M-LFW-FER/report.json").read_text())
     assert report["n_images"] == 60 and report["quarantined"] == []
     assert {s["reason"] for s in report["skipped"]} == {"macOS resource fork", "macOS folder metadata"}
