@@ -234,6 +234,7 @@ class RegistrySettings(_Frozen):
     """One registered model per dataset; promotion moves the `champion` alias by a gate."""
 
     names: dict[str, str] = Field(default_factory=dict, description="dataset -> registered model name")
+    records_dir: Path = Field(default=Path("registry"), description="what register/promote did, as files (DVC outs)")
     metric: str = "eval_accuracy"
     min_delta: float = Field(default=0.0, ge=0)
 

@@ -22,6 +22,7 @@ TRAIN_OVERRIDES = [
     "train.workers=0",
     "train.threads=1",
     "train.early_stopping_patience=0",
+    "tracking.enabled=false",  # tests of training alone; tests/tracking turn it on
 ]
 
 

@@ -1,0 +1,171 @@
+"""Where a model came from, as flat string tags: code (git), data (archive digest, manifest
+digest, DVC lock), base weights, recipe, version and the orchestrator's run.
+
+Every lookup degrades to "unknown" rather than failing: lineage describes a run, it never
+decides whether one may happen.
+
+KFP run id: `KFP_RUN_ID` when set (our components pass `dsl.PIPELINE_JOB_ID_PLACEHOLDER`
+into it: KFP v2 puts the run id in no standard container variable), else
+`ARGO_WORKFLOW_NAME` (set by Argo-based executors / a downward-API env on the pod), else
+"none".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import yaml
+
+from ferflow import __version__
+from ferflow.config import Params
+from ferflow.errors import FerflowError
+from ferflow.tracking.service import redact_uri
+
+if TYPE_CHECKING:
+    from mlflow.data.pandas_dataset import PandasDataset
+
+log = logging.getLogger(__name__)
+
+UNKNOWN = "unknown"
+REPORT = "report.json"
+MANIFEST = "manifest.parquet"
+DVC_LOCK = Path("dvc.lock")
+KFP_RUN_ENV = ("KFP_RUN_ID", "ARGO_WORKFLOW_NAME")
+# mlflow/utils/validation.py: MAX_DATASET_DIGEST_SIZE = 36 (a sha256 hex has 64).
+MLFLOW_DIGEST_CHARS = 36
+
+
+def _git(*args: str) -> Optional[str]:
+    # GIT_OPTIONAL_LOCKS=0: `git status` must not refresh (write) the index of the repo.
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "GIT_TERMINAL_PROMPT": "0"}
+    try:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, env=env, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def git_tags() -> dict[str, str]:
+    """HEAD commit and whether tracked files differ from it (untracked files are ignored:
+    data and outputs live untracked beside the code)."""
+    commit = _git("rev-parse", "HEAD")
+    if not commit:
+        # Inside the container there is no .git: the image records the commit it was built from.
+        baked = os.environ.get("FERFLOW_GIT_COMMIT", "").strip()
+        return {"git.commit": baked or UNKNOWN, "git.dirty": "false" if baked else UNKNOWN}
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    dirty = UNKNOWN if status is None else str(bool(status)).lower()
+    return {"git.commit": commit, "git.dirty": dirty}
+
+
+def read_report(prepared_dir: Path, dataset: str) -> dict:
+    path = Path(prepared_dir) / dataset / REPORT
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def dvc_lock_md5(dataset: str, lock_path: Path = DVC_LOCK) -> Optional[str]:
+    """md5 of the `fetch@<dataset>` output in dvc.lock: the archive as DVC pinned it."""
+    try:
+        lock = yaml.safe_load(Path(lock_path).read_text(encoding="utf-8")) or {}
+        outs = lock.get("stages", {}).get(f"fetch@{dataset}", {}).get("outs") or []
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    for out in outs:
+        if isinstance(out, dict) and out.get("md5"):
+            return str(out["md5"])
+    return None
+
+
+def kfp_run_id() -> str:
+    for name in KFP_RUN_ENV:
+        if os.environ.get(name):
+            return os.environ[name]
+    return "none"
+
+
+def _base_sha256(run_dir: Optional[Path]) -> Optional[str]:
+    if run_dir is None:
+        return None
+    try:
+        return json.loads((Path(run_dir) / "run.json").read_text(encoding="utf-8")).get("weights_sha256")
+    except (OSError, ValueError):
+        return None
+
+
+def lineage_tags(
+    params: Params, dataset: str, model: str, run_dir: Optional[Path] = None, stage: str = "train"
+) -> dict[str, str]:
+    """Flat `str -> str` tags for a run or a model version; see the module docstring."""
+    from ferflow.training.trainer import recipe_hash
+
+    report = read_report(params.data.prepared_dir, dataset)
+    tags = {
+        **git_tags(),
+        "dataset.name": dataset,
+        "dataset.archive_sha256": params.data.archive(dataset).sha256,
+        "dataset.manifest_sha256": report.get("manifest_sha256") or UNKNOWN,
+        "model.name": model,
+        "model.base_checkpoint": redact_uri(params.weights_for(model).pretrained),
+        "model.base_sha256": _base_sha256(run_dir) or params.weights_for(model).sha256 or "none",
+        "ferflow.version": __version__,
+        "ferflow.stage": stage,
+        "kfp.run_id": kfp_run_id(),
+    }
+    md5 = dvc_lock_md5(dataset)
+    if md5:
+        tags["dataset.dvc_lock"] = md5
+    try:
+        tags["recipe.hash"] = recipe_hash(params, dataset, model)
+    except FerflowError:  # params without a `train` section (e.g. zero-shot only)
+        tags["recipe.hash"] = UNKNOWN
+    return tags
+
+
+def manifest_dataset(prepared_dir: Path, dataset: str, split: str) -> "PandasDataset":
+    """The split's manifest rows as an `mlflow.data` dataset for `log_input(..., context=split)`.
+
+    Name `<dataset>/<split>`: MLflow keeps one input per (name, digest) and run, so train
+    and val of one manifest need distinct names. Digest: the manifest's sha256 (cut to the
+    36 characters MLflow stores); source: the archive URI from the prepare report.
+    """
+    import pandas as pd
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.pandas_dataset import from_pandas
+    from mlflow.exceptions import MlflowException
+
+    prepared = Path(prepared_dir) / dataset
+    report = read_report(prepared_dir, dataset)
+    digest = report.get("manifest_sha256")
+    if not digest or not (prepared / MANIFEST).is_file():
+        raise FerflowError(f"{prepared}: no prepared manifest/report; run `ferflow prepare --dataset {dataset}`")
+    manifest = pd.read_parquet(prepared / MANIFEST)
+    rows = manifest[manifest["split"] == split].reset_index(drop=True)
+    uri = redact_uri(str(report.get("archive", {}).get("uri") or prepared))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "source can be interpreted in multiple ways"
+        try:
+            source = resolve_dataset_source(uri)
+        except MlflowException:  # gdrive:// and other schemes MLflow has no source type for
+            source = resolve_dataset_source(str(prepared.resolve()))
+        return from_pandas(
+            rows, source=source, targets="label", name=f"{dataset}/{split}", digest=digest[:MLFLOW_DIGEST_CHARS]
+        )
+
+
+def has_split(prepared_dir: Path, dataset: str, split: str) -> bool:
+    import pandas as pd
+
+    try:
+        splits = pd.read_parquet(Path(prepared_dir) / dataset / MANIFEST, columns=["split"])["split"]
+    except (OSError, ValueError):
+        return False
+    return bool((splits == split).any())
