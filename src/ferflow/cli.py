@@ -16,6 +16,7 @@ from rich.table import Table
 from ferflow import __version__, stages
 from ferflow.config import Params, load_params
 from ferflow.errors import ConfigError, FerflowError
+from ferflow.pipeline.cli import pipeline_app
 
 app = typer.Typer(
     name="ferflow",
@@ -140,6 +141,12 @@ def train(
     best = ", ".join(f"{k} {v:.4f}" for k, v in result.best_metrics.items() if isinstance(v, float))
     out.print(f"best epoch {result.best_epoch}: {best}")
     out.print(f"run directory: {result.run_dir}")
+    if cfg.tracking.enabled:
+        from ferflow.tracking.runs import read_run_ref
+
+        ref = read_run_ref(result.run_dir)
+        if ref:
+            out.print(f"MLflow run: {ref['run_id']} ({ref.get('run_name')}) at {ref.get('tracking_uri')}")
 
 
 @app.command()
@@ -173,14 +180,55 @@ def evaluate(
 
 
 @app.command()
+def register(
+    dataset: OneDatasetOpt,
+    model: ModelOpt,
+    run_dir: Annotated[
+        Optional[Path], typer.Option("--run-dir", help="a trained run directory (default: train.out_dir/DATASET/MODEL)")
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Log the fine-tuned model to MLflow and register a new version with alias `challenger`."""
+    cfg = _load(params, set_, verbose)
+    version = stages.register(cfg, dataset, model, run_dir)
+    out.print(f"registered {version.name} version {version.version} (alias challenger)")
+
+
+@app.command()
+def promote(
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="dataset whose registered model to promote")],
+    metric: Annotated[Optional[str], typer.Option("--metric", help="gate metric (default: registry.metric)")] = None,
+    min_delta: Annotated[
+        Optional[float], typer.Option("--min-delta", help="required improvement (default: registry.min_delta)")
+    ] = None,
+    rollback: Annotated[bool, typer.Option("--rollback", help="swap champion and previous-champion back")] = False,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Move `champion` to the best challenger if it beats the champion on the same eval data."""
+    cfg = _load(params, set_, verbose)
+    decision = stages.promote(cfg, dataset, metric, min_delta, rollback)
+    out.print(f"{decision.name}: {decision.action} — {decision.reason}")
+    for key, value in decision.as_dict().items():
+        if value is not None and key not in ("name", "action", "reason"):
+            out.print(f"  {key}: {value}")
+
+
+@app.command()
 def report(
+    from_registry: Annotated[
+        bool, typer.Option("--from-registry", help="read results from the MLflow registry, not local files")
+    ] = False,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Write the models x datasets accuracy table (Markdown + CSV) beside the seed's numbers."""
     cfg = _load(params, set_, verbose)
-    _results, paths = stages.report(cfg)
+    _results, paths = stages.report(cfg, from_registry=from_registry)
     out.print(paths["markdown"].read_text())
     out.print(f"written: {paths['markdown']} and {paths['csv']}")
 
@@ -201,6 +249,9 @@ def models(
                       cfg.weights_for(name).pretrained)
     out.print(table)
     out.print("any timm architecture: timm:<name>, e.g. timm:tf_efficientnet_b0")
+
+
+app.add_typer(pipeline_app, name="pipeline")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

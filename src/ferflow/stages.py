@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import yaml
 
@@ -82,18 +83,55 @@ def write_yaml_atomic(path: Path, tree: dict) -> None:
         raise FerflowError(f"cannot write {path}: {exc}") from None
 
 
+@contextmanager
+def tracking_session(params: Params, dataset: str, model: str) -> Iterator[Optional[object]]:
+    """The MLflow callback of one training run, started before any compute (so a down or
+    refusing server fails in seconds) and closed FAILED if training raises; None when
+    `tracking.enabled` is false (mlflow is then never imported) or on ranks other than 0."""
+    if not params.tracking.enabled:
+        yield None
+        return
+    from ferflow.tracking import service
+    from ferflow.tracking.runs import MlflowTrainCallback
+
+    callback = MlflowTrainCallback(params, dataset, model)
+    if not callback.enabled:  # DDP rank > 0: fail like rank 0 would, record nothing
+        service.check_reachable(service.resolve_tracking_uri(params.tracking), min(params.tracking.timeout_s, 5.0))
+        yield None
+        return
+    with callback:
+        yield callback
+
+
 def train(params: Params, dataset: str, model: str, callbacks=()):
-    """Fine-tune one zoo model on one prepared dataset (resumes a run dir with last.pt)."""
+    """Fine-tune one zoo model on one prepared dataset (resumes a run dir with last.pt),
+    recorded in MLflow when `tracking.enabled`."""
     from ferflow.training.trainer import train as train_model
 
-    return train_model(params, dataset, model, callbacks=callbacks)
+    with tracking_session(params, dataset, model) as tracker:
+        all_callbacks = [*callbacks, tracker] if tracker is not None else list(callbacks)
+        return train_model(params, dataset, model, callbacks=all_callbacks)
 
 
 def evaluate(params: Params, dataset: str, model: str, eval_datasets: Optional[Iterable[str]] = None) -> dict:
-    """Cross-dataset evaluation of the run trained on `dataset`."""
+    """Cross-dataset evaluation of the run trained on `dataset`; logged into that training's
+    MLflow run when it recorded one (`mlflow_run.json`) and `tracking.enabled`."""
     from ferflow.evaluation.evaluate import evaluate_run
+    from ferflow.training.trainer import run_dir_for
 
-    return evaluate_run(params, dataset, model, eval_datasets)
+    run_dir = run_dir_for(params, dataset, model)
+    tracked = params.tracking.enabled and (run_dir / "mlflow_run.json").is_file()
+    if tracked:  # fail before computing anything when the server is down
+        from ferflow.tracking import service
+
+        service.check_reachable(service.resolve_tracking_uri(params.tracking), min(params.tracking.timeout_s, 5.0))
+    summary = evaluate_run(params, dataset, model, eval_datasets)
+    if tracked:
+        from ferflow.tracking.runs import log_evaluation
+
+        eval_dir = params.evaluate.out_dir / "fine-tuned" / dataset / model  # evaluate_run's out_root
+        log_evaluation(params, dataset, model, summary, eval_dir, run_dir=run_dir)
+    return summary
 
 
 def zero_shot(params: Params, model: str, eval_datasets: Optional[Iterable[str]] = None) -> dict:
@@ -103,9 +141,50 @@ def zero_shot(params: Params, model: str, eval_datasets: Optional[Iterable[str]]
     return evaluate_zero_shot(params, model, eval_datasets)
 
 
-def report(params: Params):
+def report(params: Params, from_registry: bool = False):
     """The models x datasets table beside the seed's published numbers."""
     from ferflow.evaluation.report import collect_results, write_report
 
-    results = collect_results(params.evaluate.out_dir)
+    if from_registry:
+        from ferflow.tracking.registry import registry_results
+        from ferflow.tracking.service import configure
+
+        configure(params)
+        results = registry_results(params)
+    else:
+        results = collect_results(params.evaluate.out_dir)
     return results, write_report(results, params.report.out_dir)
+
+
+def register(params: Params, dataset: str, model: str, run_dir: Optional[Path] = None):
+    """Log the fine-tuned model to MLflow and register it as a new version (alias challenger)."""
+    from ferflow.tracking.registry import register as register_version
+    from ferflow.training.checkpoint import atomic_write_json
+    from ferflow.training.trainer import run_dir_for
+
+    version = register_version(params, dataset, Path(run_dir) if run_dir else run_dir_for(params, dataset, model))
+    atomic_write_json(params.registry.records_dir / dataset / f"{model}.json", {
+        "name": version.name, "version": str(version.version), "run_id": version.run_id,
+        "source": version.source, "alias": "challenger",
+    })
+    return version
+
+
+def promote(params: Params, dataset: str, metric: Optional[str] = None, min_delta: Optional[float] = None,
+            rollback: bool = False):
+    """Move `champion` to the best challenger of a dataset's registered model, by the gate."""
+    from ferflow.tracking import registry
+
+    from ferflow.training.checkpoint import atomic_write_json
+
+    name = params.registry.name_for(dataset)
+    if rollback:
+        decision = registry.rollback(params, name)
+    else:
+        decision = registry.promote(
+            params, name,
+            metric=metric or params.registry.metric,
+            min_delta=params.registry.min_delta if min_delta is None else min_delta,
+        )
+    atomic_write_json(params.registry.records_dir / "promotions" / f"{dataset}.json", decision.as_dict())
+    return decision
