@@ -1,0 +1,25 @@
+"""KFP component: the models x datasets results table (`ferflow.stages.report`)."""
+
+from typing import List
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Markdown, Output
+
+from ferflow.pipeline import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def report(
+    config: Input[Artifact],
+    evaluations: Input[List[Artifact]],
+    results: Output[Markdown],
+    table: Output[Dataset],
+):
+    """Every evaluation of the run, gathered: the Markdown table (shown in the KFP UI)
+    and the long CSV."""
+    from ferflow import stages
+    from ferflow.pipeline import glue
+
+    with glue.workspace(config.path, inputs={"evaluation": [e.path for e in evaluations]}) as params:
+        _results, paths = stages.report(params)
+        glue.publish_report(results, table, paths)

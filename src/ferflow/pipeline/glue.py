@@ -1,0 +1,317 @@
+"""KFP artifacts <-> the paths ferflow's stages read and write, for the components.
+
+Lightweight components are serialised as source, so everything they share lives here,
+importable inside the image. The fetch component turns the pipeline parameters into one
+validated params document (`resolve_config`), published as the `config` artifact that every
+other task reads. Each component runs its stage inside `workspace`, which writes that
+document as params.yaml with the stage's folders pointing at the task's artifacts, and then
+describes its outputs for the KFP UI.
+
+Artifact layouts are the stage folders themselves, so a stage never knows it runs in KFP:
+
+    config       params.yaml        the run's resolved params
+    raw          data.raw_dir       <name>.zip for every archive
+    prepared     data.prepared_dir  <dataset>/ manifest, report, caches (every dataset)
+    reports      data.prepared_dir  <dataset>/report.json only (what lineage reads)
+    model        train.out_dir      <dataset>/<model>/ best.safetensors, run.json, ...
+    evaluation   evaluate.out_dir   fine-tuned/<dataset>/<model>/...
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from itertools import product
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Optional, Union
+
+import yaml
+
+from ferflow.config import Params, apply_override, dump_params, load_params, parse_override, validate
+from ferflow.errors import ConfigError, FerflowError
+
+RUN_ID_ENV = "KFP_RUN_ID"  # read by ferflow.tracking.lineage into the `kfp.run_id` tag
+PARAMS_FILE = "params.yaml"
+DVC_LOCK = "dvc.lock"  # lineage reads ./dvc.lock: the pinned archive md5s reach the MLflow tags
+WEIGHTS, RUN_JSON, RESUME_STATE, MLFLOW_RUN = "best.safetensors", "run.json", "last.pt", "mlflow_run.json"
+
+# Artifact role -> the params key that names its folder.
+PATH_KEYS = {
+    "raw": ("data", "raw_dir"),
+    "prepared": ("data", "prepared_dir"),
+    "models": ("train", "out_dir"),
+    "evaluation": ("evaluate", "out_dir"),
+    "report": ("report", "out_dir"),
+}
+
+PathInput = Union[str, list]
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def matrix(datasets: Iterable[str], models: Iterable[str]) -> list[dict]:
+    """The (dataset, model) pairs the pipeline loops over: train.datasets x train.models."""
+    return [{"dataset": d, "model": m} for d, m in product(datasets, models)]
+
+
+def resolve_config(
+    base_params: Union[Mapping, str],
+    *,
+    archives: Optional[Mapping] = None,
+    datasets: Optional[list] = None,
+    models: Optional[list] = None,
+    pairs: Optional[list] = None,
+    experiment: str = "",
+    registered_models: Optional[Mapping] = None,
+    overrides: Iterable[str] = (),
+) -> str:
+    """The params document every task of a run uses: base params, then the structured
+    pipeline parameters (empty = keep the base value), then `key=value` overrides exactly
+    like the CLI's --set. Validated here, so a bad run fails in its first task."""
+    origin = "pipeline parameter base_params"
+    if isinstance(base_params, str):
+        try:
+            base_params = yaml.safe_load(base_params) if base_params.strip() else {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{origin}: not valid YAML: {exc}") from None
+    tree = _plain(base_params)
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{origin}: expected a mapping of params keys")
+    structured = {"data.archives": archives, "train.datasets": datasets, "train.models": models,
+                  "tracking.experiment": experiment}
+    for key, value in structured.items():
+        if value:
+            apply_override(tree, key.split("."), _plain(value), origin=f"pipeline parameter for {key}")
+    if registered_models:
+        names = tree.setdefault("registry", {}).setdefault("names", {}) or {}
+        tree["registry"]["names"] = {**names, **_plain(registered_models)}
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(tree, keys, value, origin=f"overrides: {text}")
+    params = validate(tree, origin="pipeline parameters")
+    if pairs is not None:
+        _check_pairs(params, pairs)
+    return yaml.safe_dump(dump_params(params), sort_keys=False)
+
+
+def publish_config(artifact, config: str) -> None:
+    """The resolved params as an artifact: it reaches every task (kfp.local 2.17 swaps a
+    task-output parameter that enters a ParallelFor for the loop item; artifacts pass
+    intact) and the KFP UI shows the exact config of the run."""
+    path = Path(artifact.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config, encoding="utf-8")
+    artifact.metadata["format"] = "params.yaml"
+
+
+def _plain(value: Any) -> Any:
+    """A deep copy in plain JSON types. KFP keeps struct parameters as protobuf Values,
+    whose numbers are all doubles: 42 arrives as 42.0, so whole floats become ints again
+    (validation turns them back into floats where params want floats)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _check_pairs(params: Params, pairs: list) -> None:
+    """The loop runs over `matrix` (kfp.local iterates only over pipeline parameters, not
+    task outputs); it must be exactly train.datasets x train.models."""
+    train = params.require_train()
+    expected = matrix(train.datasets, train.models)
+    got = [{"dataset": p.get("dataset"), "model": p.get("model")} if isinstance(p, dict) else p for p in pairs]
+    if sorted(map(json.dumps, got)) != sorted(map(json.dumps, expected)):
+        raise ConfigError(
+            f"pipeline parameter matrix: {json.dumps(pairs)} is not train.datasets x train.models "
+            f"({json.dumps(expected)}); set it to that list (`ferflow pipeline submit` computes it)"
+        )
+
+
+# ---------------------------------------------------------------------------- workspace
+
+
+@contextmanager
+def workspace(
+    config: Union[str, os.PathLike],
+    *,
+    run_id: str = "",
+    dvc_lock: Union[Mapping, str, None] = None,
+    inputs: Optional[Mapping[str, PathInput]] = None,
+    outputs: Optional[Mapping[str, str]] = None,
+) -> Iterator[Params]:
+    """Run a stage in a fresh directory whose params.yaml is the resolved params file
+    `config` with every stage folder pointed at the task's artifacts; yields the Params.
+
+    `outputs`: role -> artifact path, written by the stage directly. `inputs`: role ->
+    artifact path (linked in, never written) or a list of paths (copied and merged).
+    Roles not given get an empty folder in the workspace. The run id becomes KFP_RUN_ID.
+    """
+    inputs, outputs = dict(inputs or {}), dict(outputs or {})
+    unknown = (set(inputs) | set(outputs)) - set(PATH_KEYS)
+    if unknown:
+        raise ValueError(f"unknown artifact roles {sorted(unknown)}; known: {sorted(PATH_KEYS)}")
+    # Task logs are what a KFP user reads; the stages report progress through logging.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    launch = Path.cwd()
+    root = Path(tempfile.mkdtemp(prefix="ferflow-task-"))
+    saved_run_id = os.environ.get(RUN_ID_ENV)
+    try:
+        tree = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
+        _anchor_tracking(tree, launch)
+        for role, (section, key) in PATH_KEYS.items():
+            if tree.get(section) is None:
+                continue  # e.g. no `train` section: nothing of it to point anywhere
+            if role in outputs:
+                path = Path(outputs[role])
+                path.mkdir(parents=True, exist_ok=True)
+            elif role in inputs:
+                path = root / role
+                _assemble(inputs[role], path)
+            else:
+                path = root / role
+                path.mkdir()
+            tree[section][key] = str(path)
+        (root / PARAMS_FILE).write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
+        if dvc_lock:
+            text = dvc_lock if isinstance(dvc_lock, str) else yaml.safe_dump(_plain(dvc_lock), sort_keys=False)
+            (root / DVC_LOCK).write_text(text, encoding="utf-8")
+        if run_id and not run_id.startswith("{{"):  # an unresolved placeholder is no run id
+            os.environ[RUN_ID_ENV] = run_id
+        os.chdir(root)
+        yield load_params(root / PARAMS_FILE)
+    finally:
+        os.chdir(launch)
+        if saved_run_id is None:
+            os.environ.pop(RUN_ID_ENV, None)
+        else:
+            os.environ[RUN_ID_ENV] = saved_run_id
+        shutil.rmtree(root, ignore_errors=True)  # links only: the artifacts stay
+
+
+def _anchor_tracking(tree: dict, launch: Path) -> None:
+    """A relative embedded MLflow store means the launch directory's, as for the CLI (and
+    for kfp.local, whose tasks all start there); on a cluster MLFLOW_TRACKING_URI wins."""
+    tracking = tree.get("tracking") or {}
+    uri = str(tracking.get("tracking_uri", ""))
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        tracking["tracking_uri"] = prefix + str(launch / uri[len(prefix):])
+    location = str(tracking.get("artifact_location", ""))
+    if location and "://" not in location and not Path(location).is_absolute():
+        tracking["artifact_location"] = str(launch / location)
+
+
+def _assemble(source: PathInput, dest: Path) -> None:
+    dest.mkdir(parents=True)
+    if isinstance(source, (list, tuple)):
+        # Several artifacts of one layout (e.g. evaluations): merged copies, small files.
+        for path in source:
+            shutil.copytree(path, dest, dirs_exist_ok=True, symlinks=True)
+        return
+    src = Path(source)
+    if not src.is_dir():
+        raise FerflowError(f"input artifact {src} is not a folder; was it produced by this pipeline's components?")
+    for entry in src.iterdir():
+        (dest / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+
+
+def run_dir(params: Params, dataset: str, model: str) -> Path:
+    """Where the train stage puts (and register reads) a run directory."""
+    from ferflow.training.trainer import run_dir_for
+
+    return run_dir_for(params, dataset, model)
+
+
+# ---------------------------------------------------------------------------- outputs
+
+
+def describe_raw(artifact, params: Params, pinned: Iterable[str]) -> None:
+    pinned = set(pinned)
+    artifact.metadata["archives"] = {
+        s.name: {"sha256": s.sha256, "source": "dvc-remote" if s.name in pinned else "uri"} for s in params.data.specs
+    }
+
+
+def publish_reports(prepared, reports, params: Params, datasets: Iterable[str]) -> None:
+    """The prepare reports as an artifact of their own: register needs the manifest
+    digests for lineage, not gigabytes of image caches."""
+    counts = {}
+    for name in datasets:
+        src = params.data.prepared_dir / name / "report.json"
+        dest = Path(reports.path) / name / "report.json"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest)
+        counts[name] = json.loads(src.read_text(encoding="utf-8")).get("n_images")
+    for artifact in (prepared, reports):
+        artifact.metadata["datasets"] = list(counts)
+        artifact.metadata["images"] = counts
+        artifact.metadata["image_sizes"] = list(params.prepare.image_sizes)
+
+
+def publish_model(artifact, run_dir: Path) -> None:
+    """Describe a trained run directory (inside the Model artifact) for the KFP UI; the
+    resume checkpoint is dropped: no later task resumes from an artifact."""
+    run_dir = Path(run_dir)
+    (run_dir / RESUME_STATE).unlink(missing_ok=True)
+    weights = (run_dir / WEIGHTS).resolve().relative_to(Path(artifact.path).resolve())
+    artifact.metadata.update(_model_metadata(run_dir, str(weights)))
+
+
+def publish_registered(artifact, run_dir: Path, version) -> None:
+    """The registered weights as a Model artifact whose metadata names the MLflow version."""
+    dest = Path(artifact.path)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in (WEIGHTS, RUN_JSON):
+        shutil.copy2(Path(run_dir) / name, dest / name)
+    artifact.metadata.update(_model_metadata(Path(run_dir), WEIGHTS))
+    artifact.metadata.update({
+        "registered_model": version.name,
+        "version": str(version.version),
+        "mlflow_model_uri": f"models:/{version.name}/{version.version}",
+        "aliases": sorted(version.aliases or []),
+    })
+
+
+def _model_metadata(run_dir: Path, weights: str) -> dict:
+    info = json.loads((run_dir / RUN_JSON).read_text(encoding="utf-8"))
+    meta = {"format": "safetensors", "weights": weights, "framework": "pytorch"}
+    meta.update({k: info[k] for k in ("model", "dataset", "arch", "input_size", "classes", "recipe_hash") if k in info})
+    ref = run_dir / MLFLOW_RUN
+    if ref.is_file():
+        run_id = json.loads(ref.read_text(encoding="utf-8")).get("run_id")
+        if run_id:
+            meta["mlflow_run_id"] = run_id
+    return meta
+
+
+def log_metrics(artifact, values: Mapping[str, Any], prefix: str = "") -> None:
+    """Finite numbers only: the KFP UI shows scalars."""
+    for key, value in values.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            artifact.log_metric(f"{prefix}{key}", float(value))
+
+
+def log_evaluation(metrics, confusion, params: Params, dataset: str, model: str, summary: Mapping) -> None:
+    """In-domain accuracy / macro-F1 plus `<eval dataset>_<metric>` for the cross-dataset
+    matrix; the in-domain confusion matrix as ClassificationMetrics."""
+    log_metrics(metrics, {k: v for k, v in summary.get(dataset, {}).items() if k != "n"})
+    for eval_ds, values in summary.items():
+        log_metrics(metrics, {k: v for k, v in values.items() if k != "n"}, prefix=f"{eval_ds}_")
+    # evaluate_run's layout: <evaluate.out_dir>/fine-tuned/<train ds>/<model>/<eval ds>/
+    path = params.evaluate.out_dir / "fine-tuned" / dataset / model / dataset / "confusion.json"
+    matrix_ = json.loads(path.read_text(encoding="utf-8"))
+    confusion.log_confusion_matrix(list(matrix_["classes"]), [list(map(int, row)) for row in matrix_["matrix"]])
+
+
+def publish_report(markdown, table, paths: Mapping[str, Path]) -> None:
+    shutil.copy2(paths["markdown"], markdown.path)
+    shutil.copy2(paths["csv"], table.path)

@@ -1,0 +1,217 @@
+"""Compile the KFP pipeline to YAML.
+
+Two inputs: `CompileOptions` (cluster settings: image, GPUs, resources, node selector,
+Kubernetes secret names, retries, timeouts) and `PipelineDefaults`, read from the checkout
+being compiled: params.yaml as the base params, the `fetch@*` entries of dvc.lock and the
+DVC remote of `.dvc/config`. The defaults become the pipeline parameters' defaults, so a
+run started with no arguments trains on the config and data of the compiled commit.
+
+The pipeline itself is defined in the checkout's `pipelines/ferflow_pipeline.py` (beside
+`components/`), which this module loads by path: the package never imports components.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+from urllib.parse import urlsplit
+
+import yaml
+
+from ferflow.config import load_params, read_yaml
+from ferflow.errors import FerflowError
+from ferflow.pipeline import configured_image
+from ferflow.pipeline.glue import matrix
+
+PIPELINE_FILE = Path("pipelines/ferflow_pipeline.py")
+DEFAULT_OUT = Path("pipelines/ferflow.yaml")
+DVC_CONFIG = Path(".dvc/config")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Cluster settings baked into the compiled YAML (none of them a secret value)."""
+
+    image: str = field(default_factory=configured_image)
+    gpus: int = 1
+    accelerator: str = "nvidia.com/gpu"
+    train_cpu_request: str = "4"
+    train_cpu_limit: str = "8"
+    train_memory_request: str = "16Gi"
+    train_memory_limit: str = "32Gi"
+    # NCCL and PyTorch's shared-memory tensors need more than the container's 64 MiB default.
+    shm_size: str = "8Gi"
+    node_selector: tuple[tuple[str, str], ...] = ()
+    # Kubernetes Secret names; their keys are the env names (MLFLOW_TRACKING_URI, ...). "" = none.
+    mlflow_secret: str = "ferflow-mlflow"
+    s3_secret: str = "ferflow-s3"
+    fetch_retries: int = 3
+    fetch_backoff: str = "60s"
+    fetch_backoff_factor: float = 2.0
+    train_timeout_s: int = 24 * 3600
+    task_timeout_s: int = 4 * 3600
+    parallelism: int = 0  # concurrent (dataset, model) iterations; 0 = no limit
+
+    def __post_init__(self) -> None:
+        if self.gpus < 0:
+            raise FerflowError(f"--gpus {self.gpus}: must be 0 or more")
+        if self.parallelism < 0:
+            raise FerflowError(f"--parallelism {self.parallelism}: must be 0 (no limit) or more")
+
+
+@dataclass(frozen=True)
+class PipelineDefaults:
+    """The pipeline parameters' defaults: what a run uses when started without arguments."""
+
+    base_params: str
+    archives: dict
+    datasets: list
+    models: list
+    matrix: list
+    experiment: str
+    registered_models: dict
+    dvc_lock: dict = field(default_factory=dict)
+    dvc_remote: str = ""
+
+    @classmethod
+    def from_checkout(
+        cls,
+        repo: Path = Path("."),
+        params_file: Optional[Path] = None,
+        dvc_lock: Optional[Path] = Path("dvc.lock"),
+        dvc_remote: Optional[str] = None,
+    ) -> "PipelineDefaults":
+        """params.yaml (validated), dvc.lock's fetch entries (absent file: no pinning; None:
+        pinning off) and the DVC remote (`dvc_remote`, else `.dvc/config`'s default)."""
+        repo = Path(repo)
+        params_path = Path(params_file) if params_file else repo / "params.yaml"
+        params = load_params(params_path)
+        train = params.require_train()
+        return cls(
+            # One line of JSON (valid YAML): KFP 2.17 writes string defaults into the YAML's
+            # comment header verbatim, and a multi-line one breaks the file; a struct
+            # default cannot hold the file's nulls.
+            base_params=json.dumps(read_yaml(params_path), separators=(",", ":")),
+            archives={n: src.model_dump(mode="json", exclude_none=True) for n, src in params.data.archives.items()},
+            datasets=list(train.datasets),
+            models=list(train.models),
+            matrix=matrix(train.datasets, train.models),
+            experiment=params.tracking.experiment,
+            registered_models=dict(params.registry.names),
+            dvc_lock=read_dvc_lock(dvc_lock if dvc_lock is None or dvc_lock.is_absolute() else repo / dvc_lock),
+            dvc_remote=dvc_remote if dvc_remote is not None else read_dvc_remote(repo),
+        )
+
+
+def read_dvc_lock(path: Optional[Path]) -> dict:
+    """The `fetch@*` stages of a dvc.lock; {} when there is none."""
+    from ferflow.data.dvc_remote import fetch_entries
+
+    if path is None or not Path(path).is_file():
+        return {}
+    return fetch_entries(Path(path).read_text(encoding="utf-8"))
+
+
+def read_dvc_remote(repo: Path) -> str:
+    """The default remote's URL from the project's `.dvc/config`.
+
+    `.dvc/config.local` is left out on purpose: it is per-developer (and may hold
+    credentials), while the compiled YAML is committed; pass --dvc-remote instead.
+    """
+    from configobj import ConfigObj, ConfigObjError
+
+    path = Path(repo) / DVC_CONFIG
+    if not path.is_file():
+        return ""
+    try:
+        config = ConfigObj(str(path))
+    except ConfigObjError as exc:
+        raise FerflowError(f"{path}: not a DVC config ({exc})") from None
+    name = (config.get("core") or {}).get("remote", "")
+    url = str((config.get(f'remote "{name}"') or {}).get("url", "")) if name else ""
+    if urlsplit(url).password or urlsplit(url).username:
+        raise FerflowError(f"{path}: the URL of remote {name!r} holds credentials, which must not reach the "
+                           "compiled pipeline; remove them or pass --dvc-remote")
+    return url
+
+
+# ---------------------------------------------------------------------------- compile
+
+Builder = Callable[[CompileOptions, PipelineDefaults], object]
+
+
+def load_builder(repo: Path = Path(".")) -> Builder:
+    """`build` from the checkout's pipelines/ferflow_pipeline.py."""
+    path = Path(repo).resolve() / PIPELINE_FILE
+    if not path.is_file():
+        raise FerflowError(f"{path} not found: compile from a ferflow checkout (or pass --repo)")
+    module_spec = importlib.util.spec_from_file_location("ferflow_pipeline", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.build
+
+
+def compile_pipeline(
+    out: Path = DEFAULT_OUT,
+    options: Optional[CompileOptions] = None,
+    defaults: Optional[PipelineDefaults] = None,
+    repo: Path = Path("."),
+    build: Optional[Builder] = None,
+) -> Path:
+    """Write the pipeline YAML to `out` (atomically) and return its path."""
+    from kfp import compiler
+
+    options = options or CompileOptions()
+    defaults = defaults or PipelineDefaults.from_checkout(repo)
+    pipeline = (build or load_builder(repo))(options, defaults)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp.yaml")  # the compiler wants a .yaml name
+    try:
+        compiler.Compiler().compile(pipeline, package_path=str(tmp))
+        tmp.write_text(_stable_header(tmp.read_text(encoding="utf-8")), encoding="utf-8")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+_HEADER_INPUT = re.compile(r"^(#\s+)([\w-]+): (\w+) \[Default: .*\]$")
+
+
+def _stable_header(text: str) -> str:
+    """KFP writes dict defaults into the comment header in protobuf map order, which
+    changes with the process's hash seed; rewrite them as sorted JSON so that compiling
+    the same commit twice gives the same file (the spec itself is already sorted)."""
+    defaults = next(yaml.safe_load_all(text))["root"]["inputDefinitions"]["parameters"]
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if not line.startswith("#"):
+            break
+        match = _HEADER_INPUT.match(line)
+        if match and "defaultValue" in defaults.get(match.group(2), {}):
+            value = json.dumps(defaults[match.group(2)]["defaultValue"], sort_keys=True)
+            lines[i] = f"{match.group(1)}{match.group(2)}: {match.group(3)} [Default: {value}]"
+    return "\n".join(lines)
+
+
+def load_compiled(path: Path) -> tuple[dict, dict]:
+    """(pipeline spec, platform spec) of a compiled YAML; the second document holds the
+    kfp-kubernetes settings (`platforms.kubernetes`)."""
+    docs = list(yaml.safe_load_all(Path(path).read_text(encoding="utf-8")))
+    return docs[0], (docs[1] if len(docs) > 1 else {})
+
+
+def parse_node_selector(items: Optional[list[str]]) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise FerflowError(f"--node-selector {item!r}: expected label=value")
+        pairs.append((key.strip(), value.strip()))
+    return tuple(pairs)
