@@ -19,6 +19,7 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $@
 
 test: $(STAMP)
+	@test -x /usr/bin/chromium || bash scripts/install-system-deps.sh  # browser check of the MLflow UI
 	$(BIN)/python -m pytest -q
 
 # The demo runs the same dvc.yaml in its own DVC workspace ($(DEMO)/), whose params differ
@@ -32,7 +33,7 @@ demo: $(STAMP)
 	test -d $(DEMO)/.dvc || (cd $(DEMO) && $(BIN)/dvc init --no-scm -q)
 	cd $(DEMO) && $(BIN)/dvc remote add -f -d \
 	  $$(cd .. && $(BIN)/dvc remote list --project | awk 'NR==1{print $$1, $$2}')
-	cd $(DEMO) && $(BIN)/dvc repro
+	cd $(DEMO) && $(BIN)/ferflow parent-run --name demo -- $(BIN)/dvc repro
 	@echo "demo done: results table $(DEMO)/reports/results.md; data reports $(DEMO)/data/prepared/*/report.json"
 
 bench: $(STAMP)

@@ -42,3 +42,22 @@ def test_unknown_dataset_is_a_clear_error():
     result = ferflow("fetch", "--dataset", "NOPE")
     assert result.returncode == 2
     assert "no archive named 'NOPE'" in result.stderr
+
+
+def test_parent_run_exports_its_id_to_the_command(tmp_path):
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    probe = "import os; print('child sees', os.environ['FERFLOW_PARENT_RUN_ID'])"
+    result = subprocess.run(
+        [sys.executable, "-m", "ferflow.cli", "parent-run", "--name", "dag-test",
+         "--set", f"tracking.tracking_uri={db}", "--set", f"tracking.artifact_location={tmp_path / 'art'}",
+         "--", sys.executable, "-c", probe],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={k: v for k, v in __import__("os").environ.items() if k != "MLFLOW_TRACKING_URI"},
+    )
+    assert result.returncode == 0, result.stderr
+    run_id = result.stdout.split("MLflow parent run ")[1].split()[0]
+    assert f"child sees {run_id}" in result.stdout
+    import mlflow
+
+    run = mlflow.MlflowClient(db).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "dag-test"

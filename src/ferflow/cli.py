@@ -251,6 +251,41 @@ def models(
     out.print("any timm architecture: timm:<name>, e.g. timm:tf_efficientnet_b0")
 
 
+@app.command(
+    "parent-run",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def parent_run_cmd(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Option("--name", help="MLflow run name of the DAG invocation")] = "dag",
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run a command (e.g. `dvc repro`) under one MLflow parent run: `ferflow parent-run -- dvc repro`.
+
+    Training runs started by the command nest under it (FERFLOW_PARENT_RUN_ID).
+    """
+    import subprocess
+
+    from ferflow.tracking.runs import parent_run
+
+    cfg = _load(params, set_, verbose)
+    if not ctx.args:
+        raise ConfigError("ferflow parent-run: give the command to run after --, e.g. -- dvc repro")
+    if not cfg.tracking.enabled:
+        raise typer.Exit(subprocess.call(ctx.args))
+    try:
+        with parent_run(cfg, name) as run_id:
+            out.print(f"MLflow parent run {run_id} ({name})")
+            code = subprocess.call(ctx.args)
+            if code:
+                raise FerflowError(f"{' '.join(ctx.args)} exited with {code}")
+    except FerflowError:
+        raise
+    raise typer.Exit(0)
+
+
 app.add_typer(pipeline_app, name="pipeline")
 
 
