@@ -57,7 +57,9 @@ _SECRET_ENV_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|CONNECTION_STRING|ACCESS_K
 
 def _secret_env_values() -> list[str]:
     """Values of credential-looking variables (longest first, so overlaps redact fully)."""
-    values = {v for k, v in os.environ.items() if _SECRET_ENV_NAME.search(k) and len(v) >= 8}
+    # A snapshot: other threads (MLflow's own) may change os.environ while we read it.
+    snapshot = dict(os.environ.copy())
+    values = {v for k, v in snapshot.items() if _SECRET_ENV_NAME.search(k) and len(v) >= 8}
     return sorted(values, key=len, reverse=True)
 
 
