@@ -207,6 +207,7 @@ class MlflowTrainCallback:
         self._monitor = None
         self._closed = False
         self._guard = _Guard()
+        self._pending: list = []  # asynchronous per-epoch writes, awaited before the run ends
 
     # -- context manager: the run is closed whatever happens to training
     def __enter__(self) -> "MlflowTrainCallback":
@@ -335,11 +336,22 @@ class MlflowTrainCallback:
             return
         step = int(record.get("epoch", 0))
         values = {k: v for k, v in record.items() if k != "epoch"}
-        self._guard(f"logging epoch {step}", self._client.log_batch, self.run_id, metrics=_metrics(values, step))
+        # Asynchronous: the training thread only queues the write (~0.2 ms instead of tens of
+        # ms per epoch, benchmarks/RESULTS.md P5); failures surface when awaited in _flush.
+        op = self._guard(f"logging epoch {step}", self._client.log_batch, self.run_id,
+                         metrics=_metrics(values, step), synchronous=False)
+        if op is not None:
+            self._pending.append((step, op))
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for step, op in pending:
+            self._guard(f"logging epoch {step}", op.wait)
 
     def on_train_end(self, result: "TrainResult") -> None:
         if not self.enabled or self.run_id is None:
             return
+        self._flush()
         self._guard("logging the training artifacts", self._log_result, result)
         self.close("FINISHED")
 
@@ -386,6 +398,7 @@ class MlflowTrainCallback:
             self._closed = True
             return
         self._closed = True
+        self._flush()
         if self._monitor is not None:
             try:
                 self._monitor.finish()
