@@ -34,7 +34,10 @@ demo: $(STAMP)
 	cd $(DEMO) && $(BIN)/dvc remote add -f -d \
 	  $$(cd .. && $(BIN)/dvc remote list --project | awk 'NR==1{print $$1, $$2}')
 	cd $(DEMO) && $(BIN)/ferflow parent-run --name demo -- $(BIN)/dvc repro
-	@echo "demo done: results table $(DEMO)/reports/results.md; data reports $(DEMO)/data/prepared/*/report.json"
+	@echo "demo done:"
+	@echo "  results table   $(DEMO)/reports/results.md"
+	@echo "  evaluation      $(DEMO)/evaluation/ (metrics, confusion matrices), data reports $(DEMO)/data/prepared/*/report.json"
+	@echo "  MLflow UI       cd $(DEMO) && $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db  (models: ferflow-*@champion)"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
