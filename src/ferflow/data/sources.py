@@ -89,15 +89,12 @@ def fetch_archive(spec: ArchiveSpec, dest_dir: Path, settings: FetchSettings) ->
     dest_dir.mkdir(parents=True, exist_ok=True)
     part = dest_dir / f"{spec.name}.zip.part"
     log.info("%s: fetching %s", spec.name, redact(spec.uri))
-    try:
+
+    def fetch_and_verify() -> str:
         fetcher(spec.uri, part, spec.size, settings)
-        digest = _verify(part, spec, settings.chunk_bytes)
-    except _ResumableFailure:
-        raise
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
-    os.replace(part, dest)
+        return _verify(part, spec, settings.chunk_bytes)
+
+    digest = _through_part(part, dest, fetch_and_verify)
     _write_stamp(dest, digest)
     return FetchResult(spec.name, dest, digest, dest.stat().st_size, downloaded=True)
 
@@ -113,7 +110,8 @@ def download(uri: str, dest: Path, settings: FetchSettings, expected_sha256: str
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(f"{dest.name}.part")
     log.info("fetching %s to %s", redact(uri), dest)
-    try:
+
+    def fetch_and_check() -> str:
         fetcher(uri, part, None, settings)
         digest = sha256_file(part, settings.chunk_bytes)
         if expected_sha256 is not None and digest != expected_sha256.strip().lower():
@@ -122,6 +120,18 @@ def download(uri: str, dest: Path, settings: FetchSettings, expected_sha256: str
                 f"({_size(part)} bytes); the download was removed. If the source changed on purpose, "
                 "update the sha256 given for it"
             )
+        return digest
+
+    return _through_part(part, dest, fetch_and_check)
+
+
+def _through_part(part: Path, dest: Path, fetch: Callable[[], str]) -> str:
+    """Run `fetch` (which writes and checks `part`), then rename `part` to `dest`.
+
+    On failure `part` is removed, except after a resumable https failure, whose partial
+    download the next run continues with a Range request."""
+    try:
+        digest = fetch()
     except _ResumableFailure:
         raise
     except BaseException:
