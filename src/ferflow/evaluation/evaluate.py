@@ -74,19 +74,30 @@ def evaluate_run(params: Params, dataset: str, model_name: str, eval_datasets: O
     model, entry, info = load_run(run_dir, device)
     size = info["input_size"]
     out_root = params.evaluate.out_dir / "fine-tuned" / dataset / model_name
+    meta = {"model": model_name, "train_dataset": dataset, "stage": "fine-tuned", "input_size": size}
+    summary = _evaluate_each(params, out_root, eval_datasets, size, meta,
+                             lambda split: predict(model, entry, split, params.evaluate.batch_size, device))
+    if dataset in summary:  # in-domain predictions, for DVC's confusion-matrix plot
+        in_domain = out_root / dataset / "predictions.csv"
+        ckpt.atomic_write_bytes(out_root.with_name(f"{model_name}.predictions.csv"), in_domain.read_bytes())
+    return summary
+
+
+def _evaluate_each(params: Params, out_root: Path, eval_datasets: Optional[Iterable[str]], size: int,
+                   meta: dict, probs_for) -> dict:
+    """Probabilities from `probs_for(split)` on each dataset's eval split, written as
+    evaluation files under `out_root/<dataset>/`, plus the summary beside `out_root`."""
     summary = {}
     for eval_ds in eval_datasets or list(params.data.archives):
         data_dir = params.data.prepared_dir / eval_ds
         split = CachedSplit(data_dir, params.evaluate.split, size)
-        probs = predict(model, entry, split, params.evaluate.batch_size, device)
-        meta = {"model": model_name, "train_dataset": dataset, "eval_dataset": eval_ds,
-                "split": params.evaluate.split, "stage": "fine-tuned", "input_size": size}
-        metrics = write_evaluation(out_root / eval_ds, split.labels, probs.argmax(1), probs, CLASSES, meta,
-                                   paths=_manifest_paths(data_dir, params.evaluate.split))
+        probs = probs_for(split)
+        metrics = write_evaluation(
+            out_root / eval_ds, split.labels, probs.argmax(1), probs, CLASSES,
+            {**meta, "eval_dataset": eval_ds, "split": params.evaluate.split},
+            paths=_manifest_paths(data_dir, params.evaluate.split),
+        )
         summary[eval_ds] = {k: metrics[k] for k in ("accuracy", "macro_f1", "n")}
-        if eval_ds == dataset:  # in-domain predictions, for DVC's confusion-matrix plot
-            in_domain = out_root / eval_ds / "predictions.csv"
-            ckpt.atomic_write_bytes(out_root.with_name(f"{model_name}.predictions.csv"), in_domain.read_bytes())
     ckpt.atomic_write_json(summary_path(out_root), summary)
     return summary
 
@@ -120,7 +131,7 @@ def evaluate_zero_shot(params: Params, model_name: str, eval_datasets: Optional[
         # A DAG runs this stage for every model; one without an expression head has no
         # "before fine-tuning" row, which is recorded rather than failed.
         log.info("%s: no zero-shot evaluation: %s", model_name, why_not)
-        ckpt.atomic_write_json(out_root.with_name(f"{model_name}.json"), {"skipped": why_not})
+        ckpt.atomic_write_json(summary_path(out_root), {"skipped": why_not})
         out_root.mkdir(parents=True, exist_ok=True)
         return {}
     pretrained = load_pretrained(weights_cfg.pretrained, _weights_cache(), weights_cfg.sha256, params.fetch)
@@ -129,15 +140,8 @@ def evaluate_zero_shot(params: Params, model_name: str, eval_datasets: Optional[
     mapping = zero_shot_mapping(entry.classes, params.evaluate.surprise)
     size = params.require_train().input_size or entry.input_size
     head = lambda m, x: zoo.zero_shot_forward(m, entry, x)  # noqa: E731
-    summary = {}
-    for eval_ds in eval_datasets or list(params.data.archives):
-        data_dir = params.data.prepared_dir / eval_ds
-        split = CachedSplit(data_dir, params.evaluate.split, size)
-        probs = collapse_probs(predict(model, entry, split, params.evaluate.batch_size, device, head=head), mapping)
-        meta = {"model": model_name, "train_dataset": "none", "eval_dataset": eval_ds,
-                "split": params.evaluate.split, "stage": "zero-shot", "surprise": params.evaluate.surprise}
-        metrics = write_evaluation(out_root / eval_ds, split.labels, probs.argmax(1), probs, CLASSES, meta,
-                                   paths=_manifest_paths(data_dir, params.evaluate.split))
-        summary[eval_ds] = {k: metrics[k] for k in ("accuracy", "macro_f1", "n")}
-    ckpt.atomic_write_json(summary_path(out_root), summary)
-    return summary
+    meta = {"model": model_name, "train_dataset": "none", "stage": "zero-shot", "surprise": params.evaluate.surprise}
+    return _evaluate_each(
+        params, out_root, eval_datasets, size, meta,
+        lambda split: collapse_probs(predict(model, entry, split, params.evaluate.batch_size, device, head=head), mapping),
+    )
