@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import balanced_accuracy_score
 
-from ferflow.data.layout import CLASSES
+from ferflow.labels import CLASSES
 from ferflow.errors import FerflowError
 from ferflow.evaluation.metrics import (
     EVALUATION_FILES,
@@ -14,8 +14,8 @@ from ferflow.evaluation.metrics import (
     compute_metrics,
     plot_confusion,
     write_evaluation,
-    zero_shot_mapping,
 )
+from ferflow.labels import source_mapping as zero_shot_mapping
 
 SEVEN = ["Anger", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise"]
 EIGHT = ["Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise"]

@@ -12,10 +12,10 @@ from typing import Iterable
 
 from ferflow.config import SplitSettings
 from ferflow.errors import FerflowError
+from ferflow.labels import CLASSES
 
 SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "eval": "eval", "test": "eval"}
 CLASS_ALIASES = {"positive": "positive", "negative": "negative", "neutral": "neutral", "neural": "neutral"}
-CLASSES = ("negative", "neutral", "positive")  # label_id = index; never reorder
 SPLITS = ("train", "val", "eval")
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}

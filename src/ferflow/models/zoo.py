@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ferflow.errors import FerflowError
 from ferflow.models.dan import DAN, FEAT_DIM, load_trunk
+from ferflow.models.heads import MEMBER_KEY, MappedHead
 from ferflow.models.weights import PretrainedWeights
 
 log = logging.getLogger(__name__)
@@ -228,17 +229,41 @@ def _head(model: nn.Module, entry: ZooEntry) -> nn.Linear:
     return module
 
 
-def swap_head(model: nn.Module, entry: ZooEntry, num_classes: int = 3) -> nn.Module:
-    """Replace the classifier by a fresh plain Linear (va_mtl's valence/arousal go with the old one)."""
+def swap_head(model: nn.Module, entry: ZooEntry, num_classes: int = 3,
+              mapping: dict[int, int | None] | None = None) -> nn.Module:
+    """Replace the classifier by a fresh plain Linear (va_mtl's valence/arousal go with the
+    old one), or, given the source -> target `mapping`, by a `MappedHead` made of the
+    pretrained rows, whose predictions equal the zero-shot ones."""
     old = _head(model, entry)
     like = dict(device=old.weight.device, dtype=old.weight.dtype)
     if entry.head == "dan":
+        if mapping is not None:
+            raise FerflowError(f"model {entry.name}: a mapped head needs a pretrained expression head; DAN has none")
         model.fc = nn.Linear(FEAT_DIM, num_classes, **like)
         model.bn = nn.BatchNorm1d(num_classes, **like)
+    elif mapping is not None:
+        model.set_submodule(_classifier_path(entry), MappedHead.from_linear(old, mapping, num_classes))
     else:
         model.set_submodule(_classifier_path(entry), nn.Linear(old.in_features, num_classes, **like))
     model.num_classes = num_classes
     return model
+
+
+def build_finetuned(entry: ZooEntry, state_dict: dict[str, Tensor], num_classes: int) -> nn.Module:
+    """The architecture of a fine-tuned checkpoint, read from its own keys (plain or mapped
+    head), with its weights loaded strictly."""
+    model = build_model(entry, num_classes=num_classes)
+    if entry.head != "dan":
+        prefix = f"{_classifier_path(entry)}."
+        if f"{prefix}{MEMBER_KEY}" in state_dict:
+            model.set_submodule(prefix[:-1], MappedHead.from_state_dict(state_dict, prefix))
+    _load_strict(entry, model, state_dict)
+    return model
+
+
+def can_map_head(entry: ZooEntry) -> bool:
+    """Whether the pretrained head's classes can initialise the 3-class head (`head_init: mapped`)."""
+    return bool(entry.classes) and entry.head != "dan"
 
 
 def head_parameters(model: nn.Module, entry: ZooEntry) -> list[nn.Parameter]:

@@ -1,0 +1,60 @@
+"""The label contract: the three target classes and how a pretrained expression head's
+classes map onto them. Defined once; data, models, training and evaluation import it."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from ferflow.errors import FerflowError
+
+CLASSES = ("negative", "neutral", "positive")  # label_id = index; never reorder
+
+# HSEmotion heads (FACTS.md): 8 classes Anger, Contempt, Disgust, Fear, Happiness, Neutral,
+# Sadness, Surprise; 7 classes the same without Contempt. Surprise is ambiguous in valence.
+_SOURCE_TARGET = {
+    "anger": "negative",
+    "contempt": "negative",
+    "disgust": "negative",
+    "fear": "negative",
+    "sadness": "negative",
+    "happiness": "positive",
+    "neutral": "neutral",
+    "surprise": None,  # decided by the `surprise` option
+}
+# AffectNet / RAF-DB spellings other FER models use for the same classes.
+_ALIASES = {
+    "angry": "anger",
+    "disgusted": "disgust",
+    "fearful": "fear",
+    "happy": "happiness",
+    "sad": "sadness",
+    "surprised": "surprise",
+}
+SURPRISE_OPTIONS = ("ignore", "negative", "neutral", "positive")
+
+
+def source_mapping(source_classes: Sequence[str], surprise: str = "ignore") -> dict[int, int | None]:
+    """Source head index -> index in CLASSES, or None for a class whose logit is dropped.
+
+    Zero-shot evaluation collapses probabilities with it, and the fine-tuning head is
+    initialised from it (`train.head_init: mapped`), so both mean the same thing."""
+    if surprise not in SURPRISE_OPTIONS:
+        raise FerflowError(f"zero-shot surprise mapping {surprise!r} is not one of {', '.join(SURPRISE_OPTIONS)}")
+    mapping: dict[int, int | None] = {}
+    seen: dict[str, str] = {}
+    for i, raw in enumerate(source_classes):
+        name = _ALIASES.get(raw.strip().lower(), raw.strip().lower())
+        if name not in _SOURCE_TARGET:
+            known = ", ".join(s.capitalize() for s in _SOURCE_TARGET)
+            raise FerflowError(f"cannot map class {raw!r} of the source head to {'/'.join(CLASSES)}; known: {known}")
+        if name in seen:
+            raise FerflowError(f"source head lists {seen[name]!r} and {raw!r}: the same class twice")
+        seen[name] = raw
+        target = _SOURCE_TARGET[name] if name != "surprise" else (None if surprise == "ignore" else surprise)
+        mapping[i] = None if target is None else CLASSES.index(target)
+    missing = [c for j, c in enumerate(CLASSES) if j not in mapping.values()]
+    if missing:
+        raise FerflowError(
+            f"source head {list(source_classes)} has no class for {', '.join(missing)}: no zero-shot mapping"
+        )
+    return mapping
