@@ -14,7 +14,8 @@ import torch
 from ferflow import stages
 from ferflow.config import AugmentSettings
 from ferflow.training.augment import Normalize, augment
-from ferflow.training.losses import SAM, cosine_with_warmup, inverse_frequency_weights
+from ferflow.training.losses import inverse_frequency_weights
+from ferflow.training.optim import SAM, cosine_with_warmup
 
 from .conftest import load, read_json, write_params
 

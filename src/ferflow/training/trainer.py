@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,12 +28,14 @@ from torch import nn
 from ferflow import __version__
 from ferflow.config import Params, TrainSettings, dump_params
 from ferflow.data.cache import CachedSplit
-from ferflow.data.layout import CLASSES
 from ferflow.data.loader import CacheLoader, EpochBatchSampler
+from ferflow.data.masks import mask_batch
 from ferflow.errors import FerflowError
+from ferflow.labels import CLASSES, source_mapping
 from ferflow.training import checkpoint as ckpt
 from ferflow.training.augment import Normalize, augment
-from ferflow.training.losses import build_criterion, build_optimizer, cosine_with_warmup
+from ferflow.training.losses import build_criterion, class_weights
+from ferflow.training.optim import build_optimizer, cosine_with_warmup, layer_decay_groups
 from ferflow.training.runtime import Runtime, setup_runtime
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def recipe_hash(params: Params, dataset: str, model_name: str) -> str:
     train = {k: v for k, v in params.require_train().model_dump(mode="json").items() if k not in _NOT_RECIPE}
     blob = {"seed": params.seed, "dataset": dataset, "model": model_name, "train": train,
             "weights": params.weights_for(model_name).model_dump(mode="json"),
-            "archive_sha256": params.data.archive(dataset).sha256}
+            "archive_sha256": params.data.content_sha256(dataset)}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -88,7 +89,7 @@ def train(
     from ferflow.models.weights import load_pretrained
 
     cfg = params.require_train()
-    params.data.archive(dataset)  # a clear error for an unknown dataset name
+    params.data.check_dataset(dataset)  # a clear error for an unknown dataset name
     entry = zoo.resolve(model_name)
     size = cfg.input_size or entry.input_size
     run_dir = Path(run_dir or run_dir_for(params, dataset, model_name))
@@ -99,17 +100,28 @@ def train(
         val_split = _validation_split(data_dir, size)
         weights_cfg = params.weights_for(model_name)
         pretrained = load_pretrained(weights_cfg.pretrained, _weights_cache(), weights_cfg.sha256, params.fetch)
-        model = zoo.build_model(entry, num_classes=len(CLASSES), pretrained=pretrained)
+        head_init = "mapped" if cfg.head_init == "mapped" and pretrained is not None and zoo.can_map_head(entry) else "random"
+        if head_init == "mapped":
+            model = zoo.build_model(entry, pretrained=pretrained)
+            zoo.swap_head(model, entry, len(CLASSES), source_mapping(entry.classes, params.evaluate.surprise))
+        else:
+            if cfg.head_init == "mapped" and entry.classes:
+                log.info("%s: no pretrained weights, so the 3-class head starts random", model_name)
+            model = zoo.build_model(entry, num_classes=len(CLASSES), pretrained=pretrained)
         loop = _Loop(cfg, params.seed, entry, model, train_split, val_split, rt)
         # Pretrained BN statistics are worth keeping while only the head learns; random
         # ones are not (the head would fit features that change once BN runs in train mode).
-        loop.freeze_bn_in_head_stage = pretrained is not None
+        loop.pretrained = pretrained is not None
+        # A mapped head already predicts: its step-0 validation is the first best checkpoint,
+        # so a run never ends with weights worse on val than where it started.
+        loop.validate_start = head_init == "mapped"
         loop.recipe = recipe_hash(params, dataset, model_name)
         info = {
             "recipe_hash": loop.recipe,
             "dataset": dataset, "model": model_name, "arch": entry.arch, "input_size": size,
             "weights_source": pretrained.source if pretrained else "none",
             "weights_sha256": pretrained.sha256 if pretrained else None,
+            "head_init": head_init, "batchnorm": cfg.batchnorm,
             "device": str(rt.device), "amp": str(rt.amp_dtype), "world_size": rt.world_size,
             "n_train": len(train_split), "n_val": len(val_split), "val_split": val_split.split,
             "ferflow_version": __version__, "run_dir": str(run_dir),
@@ -136,8 +148,9 @@ def _validation_split(data_dir: Path, size: int) -> CachedSplit:
 
 
 def _weights_cache() -> Path:
-    root = os.environ.get("FERFLOW_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "ferflow")
-    return Path(root) / "weights"
+    from ferflow.data.sources import cache_root
+
+    return cache_root() / "weights"
 
 
 def forward_logits(model: nn.Module, images: torch.Tensor):
@@ -152,7 +165,8 @@ class _Loop:
 
         self.cfg, self.seed, self.entry, self.rt = cfg, seed, entry, rt
         self.train_split, self.val_split = train_split, val_split
-        self.head_params = {id(p) for p in zoo.head_parameters(model, entry)}
+        self.head_params_list = zoo.head_parameters(model, entry)
+        self.head_params = {id(p) for p in self.head_params_list}
         model = model.to(rt.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -184,22 +198,16 @@ class _Loop:
         self.val_loader = CacheLoader(val_split, val_sampler, cfg.workers, rt.device.type == "cuda")
         self.stages = [("head", cfg.head_stage), ("full", cfg.full_stage)]
         self.recipe = ""
-        self.freeze_bn_in_head_stage = True
+        self.pretrained = True
+        self.validate_start = False
 
     def _criterion(self) -> nn.Module:
         if self.entry.head == "dan":
             from ferflow.models.dan import DANLoss
 
             return DANLoss(len(CLASSES), label_smoothing=self.cfg.loss.label_smoothing,
-                           class_weights=self._class_weights())
+                           class_weights=class_weights(self.cfg.loss, self.train_split.labels, len(CLASSES)))
         return build_criterion(self.cfg.loss, self.train_split.labels, len(CLASSES))
-
-    def _class_weights(self):
-        from ferflow.training.losses import inverse_frequency_weights
-
-        if self.cfg.loss.class_weights != "inverse_frequency":
-            return None
-        return inverse_frequency_weights(self.train_split.labels, len(CLASSES))
 
     def _loss(self, out, labels):
         if self.entry.head == "dan":
@@ -211,9 +219,13 @@ class _Loop:
     def _prepare_stage(self, name: str, stage) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         for p in self.model.parameters():
             p.requires_grad_(name == "full" or id(p) in self.head_params)
-        # DAN's class centres live in its loss and are learned in both stages.
-        trainable = list(self.model.parameters()) + list(self.criterion.parameters())
-        opt = build_optimizer(trainable, self.cfg.optimizer, stage.lr)
+        # Discriminative rates protect pretrained features; a model trained from scratch has none.
+        decay = self.cfg.layer_decay if name == "full" and self.pretrained else 1.0
+        groups = layer_decay_groups(self.model, self.head_params_list, decay)
+        # DAN's class centres live in its loss and are learned in both stages, at the head's lr.
+        groups.append({"params": [p for p in self.criterion.parameters() if p.requires_grad], "lr_scale": 1.0,
+                       "decay": False})
+        opt = build_optimizer(groups, self.cfg.optimizer, stage.lr)
         steps = stage.epochs * self._steps_per_epoch()
         if self.cfg.schedule == "constant":
             factor = lambda _step: 1.0  # noqa: E731
@@ -234,6 +246,16 @@ class _Loop:
         resumed_from = epoch
         stopped = state.get("stopped", False)
         scaler = torch.amp.GradScaler("cuda", enabled=self.rt.amp_dtype == torch.float16)
+        if self.validate_start and not history:
+            record = self._start_record()
+            history.append(record)
+            best = {"metric": record[f"val_{self.cfg.monitor}"], "epoch": 0,
+                    "metrics": {k: v for k, v in record.items() if k.startswith("val_")}}
+            if self.rt.is_main:
+                self._save_best(run_dir, 0)
+                ckpt.write_history(run_dir, history)
+            for cb in callbacks:
+                cb.on_epoch_end(record)
         first = 0
         for stage_idx, (name, stage) in enumerate(self.stages):
             done_in_stage = max(0, min(stage.epochs, epoch - first))
@@ -279,7 +301,7 @@ class _Loop:
         if self.rt.is_main:
             ckpt.atomic_write_json(run_dir / TRAIN_METRICS, {
                 "best_epoch": best["epoch"], "epochs_run": epoch, **best["metrics"],
-                "train_images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else 0.0,
+                "train_images_per_s": float(np.mean(speeds)) if (speeds := [h["images_per_s"] for h in history if h["images_per_s"]]) else 0.0,
             })
         return result
 
@@ -305,12 +327,22 @@ class _Loop:
         meta = {"epoch": str(epoch), "model": self.entry.name, "classes": ",".join(CLASSES), "format": "ferflow-3class"}
         ckpt.save_weights(run_dir / ckpt.BEST, source.state_dict(), meta)
 
+    def _start_record(self) -> dict:
+        """Epoch 0: the pretrained model with its mapped head, before any update."""
+        val = self._validate()
+        if self.rt.is_main:
+            print(f"epoch   0 start | val loss {val['loss']:.4f} acc {val['accuracy']:.3f} f1 {val['macro_f1']:.3f}",
+                  file=sys.stderr, flush=True)
+        return {"epoch": 0, "stage": "start", "lr": 0.0, "train_loss": None, "train_accuracy": None,
+                **{f"val_{k}": v for k, v in val.items()}, "images_per_s": None, "seconds": 0.0}
+
     # ------------------------------------------------------------------ one epoch
 
     def _epoch(self, epoch: int, stage: str, opt, sched, scaler) -> dict:
         self.train_loader.set_epoch(epoch)
         self.net.train()
-        if stage == "head" and self.freeze_bn_in_head_stage:
+        # Random-init statistics mean nothing: `batchnorm: frozen` applies to pretrained models.
+        if self.pretrained and (self.cfg.batchnorm == "frozen" or stage == "head"):
             _freeze_batchnorm(self.model)
         total_loss, correct, seen = 0.0, 0, 0
         steps = self._steps_per_epoch()
@@ -321,6 +353,8 @@ class _Loop:
                 break
             images = images.to(self.rt.device, non_blocking=True)
             labels = labels.to(self.rt.device, non_blocking=True)
+            if self.cfg.augment.synthetic_mask_p > 0:  # drawn in pixel space, before normalising
+                images = mask_batch(images.float(), self.cfg.augment.synthetic_mask_p, self.cfg.augment.mask_face_box)
             x = self.normalize(images)
             x = augment(x, self.cfg.augment)
             if self.cfg.channels_last:
