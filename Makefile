@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO := demo
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install test demo bench lock clean-demo
+.PHONY: install assets test demo bench lock clean-demo
 
 install: $(STAMP)
 
@@ -16,7 +16,19 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q -r requirements.lock
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(MAKE) --no-print-directory assets
 	touch $@
+
+# The face detector's weights (MTCNN inside facenet-pytorch's wheel, pinned in params.yaml
+# under prepare.detector) fetched from the package index at install time, so tests and the
+# offline demo can run face crops without a download at run time.
+ASSETS := $(VENV)/assets
+DETECTOR_WHEEL := facenet_pytorch-2.6.0-py3-none-any.whl
+
+assets: $(ASSETS)/$(DETECTOR_WHEEL)
+
+$(ASSETS)/$(DETECTOR_WHEEL):
+	$(BIN)/python -m pip download -q --no-deps --dest $(ASSETS) facenet-pytorch==2.6.0
 
 test: $(STAMP)
 	@test -x /usr/bin/chromium || bash scripts/install-system-deps.sh  # browser check of the MLflow UI

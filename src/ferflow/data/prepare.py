@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -31,12 +32,15 @@ from typing import Iterator
 
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image, UnidentifiedImageError
 
-from ferflow.config import ArchiveSpec, PrepareSettings
+from ferflow.config import ArchiveSpec, FetchSettings, PrepareSettings
 from ferflow.data import cache as cache_files
 from ferflow.data.archive import ArchiveListing, inspect_archive, open_zip, read_member
-from ferflow.data.layout import CLASSES, ImageEntry, assign_splits, check_group_leaks, discover
+from ferflow.data.faces import FaceCrop, FaceDetector, crop_box, detector_weights, read_weights_container
+from ferflow.labels import CLASSES
+from ferflow.data.layout import ImageEntry, assign_splits, check_group_leaks, discover
 from ferflow.data.sources import verify_file
 from ferflow.errors import FerflowError
 
@@ -45,6 +49,9 @@ REPORT = "report.json"
 SPLIT_ORDER = ("train", "val", "eval")
 MANIFEST_COLUMNS = [
     "path", "split", "label", "label_id", "identity", "sha1", "width", "height", "mode", "cache_index",
+    # The region of the image that was cached (prepare.face_crop), in its pixels, and how it
+    # was chosen: none (whole image), center, detected (a face) or fallback (no face found).
+    "crop_x0", "crop_y0", "crop_x1", "crop_y1", "face", "face_score",
 ]
 # Decompression-bomb guard for single images (LFW images are 250x250).
 Image.MAX_IMAGE_PIXELS = 64_000_000
@@ -72,10 +79,15 @@ class Decoded:
     height: int
     mode: str
     arrays: dict[int, np.ndarray]
+    box: tuple[int, int, int, int] = (0, 0, 0, 0)  # the cached region (x0, y0, x1, y1)
+    face: str = "none"
+    face_score: float = float("nan")
 
 
-def decode_image(data: bytes, sizes: list[int]) -> Decoded:
-    """Decode once, check it fully, and resize to every cache size (RGB, bilinear)."""
+def decode_image(data: bytes, sizes: list[int], crop: FaceCrop | None = None,
+                 detector: FaceDetector | None = None) -> Decoded:
+    """Decode once, check it fully, crop (prepare.face_crop) and resize to every cache size
+    (RGB, bilinear)."""
     sha1 = hashlib.sha1(data).hexdigest()
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -86,21 +98,40 @@ def decode_image(data: bytes, sizes: list[int]) -> Decoded:
         raise _BadImage("cannot decode image: not a recognised image format") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise _BadImage(f"cannot decode image: {exc}") from None
+    box, face, score = (0, 0, width, height), "none", float("nan")
+    if crop is not None and crop.mode != "none":
+        box, face, score = crop_box(crop, np.asarray(rgb), detector)
+        rgb = rgb.crop(box)
     arrays = {}
     for size in sizes:
         resized = rgb if rgb.size == (size, size) else rgb.resize((size, size), Image.BILINEAR)
         arrays[size] = np.asarray(resized, dtype=np.uint8)
-    return Decoded(sha1, width, height, mode, arrays)
+    return Decoded(sha1, width, height, mode, arrays, box, face, score)
 
 
 class _BadImage(Exception):
     pass
 
 
-def _decode_member(zf: zipfile.ZipFile, listing: ArchiveListing, path: str, sizes: list[int]) -> Decoded | str:
+@dataclass(frozen=True)
+class _Cropping:
+    """What every decode needs to crop: the setting and the detector's weights file."""
+
+    crop: FaceCrop
+    detector_weights: Path | None = None
+
+    def detector(self) -> FaceDetector | None:
+        if self.detector_weights is None:
+            return None
+        torch.set_num_threads(1)  # one decode process per core already
+        return FaceDetector(read_weights_container(self.detector_weights))
+
+
+def _decode_member(zf: zipfile.ZipFile, listing: ArchiveListing, path: str, sizes: list[int],
+                   crop: FaceCrop | None = None, detector: FaceDetector | None = None) -> Decoded | str:
     """Read one member from the zip (no extraction to disk) and decode it, or say why not."""
     try:
-        return decode_image(read_member(zf, listing, path), sizes)
+        return decode_image(read_member(zf, listing, path), sizes, crop, detector)
     except _BadImage as exc:
         return str(exc)
 
@@ -110,27 +141,34 @@ def _decode_member(zf: zipfile.ZipFile, listing: ArchiveListing, path: str, size
 _worker: dict = {}
 
 
-def _worker_init(listing: ArchiveListing) -> None:
+def _worker_init(listing: ArchiveListing, cropping: _Cropping) -> None:
     _worker["listing"], _worker["zip"] = listing, open_zip(listing.path)
+    _worker["crop"], _worker["detector"] = cropping.crop, cropping.detector()
 
 
 def _worker_decode(path: str, sizes: list[int]) -> Decoded | str:
-    return _decode_member(_worker["zip"], _worker["listing"], path, sizes)
+    return _decode_member(_worker["zip"], _worker["listing"], path, sizes, _worker["crop"], _worker["detector"])
 
 
-def _decode_all(listing: ArchiveListing, paths: list[str], sizes: list[int], workers: int) -> Iterator[Decoded | str]:
+def _decode_all(listing: ArchiveListing, paths: list[str], sizes: list[int], workers: int,
+                cropping: _Cropping) -> Iterator[Decoded | str]:
     """Decoded images (or the reason they failed) in input order, over `workers` processes."""
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(paths) < 64:
         with open_zip(listing.path) as zf:
-            yield from (_decode_member(zf, listing, p, sizes) for p in paths)
+            crop, detector = cropping.crop, cropping.detector()
+            yield from (_decode_member(zf, listing, p, sizes, crop, detector) for p in paths)
         return
-    with ProcessPoolExecutor(workers, initializer=_worker_init, initargs=(listing,)) as pool:
+    # torch's thread pools do not survive fork: detector workers start fresh.
+    context = multiprocessing.get_context("spawn") if cropping.detector_weights else None
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                             initargs=(listing, cropping)) as pool:
         yield from pool.map(_worker_decode, paths, repeat(sizes), chunksize=64)
 
 
 def prepare_dataset(
-    spec: ArchiveSpec, raw_dir: Path, prepared_dir: Path, settings: PrepareSettings
+    spec: ArchiveSpec, raw_dir: Path, prepared_dir: Path, settings: PrepareSettings,
+    fetch_settings: FetchSettings | None = None,
 ) -> PrepareResult:
     """Turn `<raw_dir>/<name>.zip` into a verified manifest + report + image caches."""
     start = time.perf_counter()
@@ -138,6 +176,12 @@ def prepare_dataset(
     if not archive.is_file():
         raise FerflowError(f"{archive}: archive not found; run `ferflow fetch` first")
     verify_file(archive, spec)
+    crop = FaceCrop.parse(settings.face_crop, settings.face_margin)
+    weights = None
+    if crop.mode == "detect":  # before any work: a missing or wrong file fails here
+        weights = detector_weights(settings.detector, fetch_settings or FetchSettings())
+        read_weights_container(weights)
+    cropping = _Cropping(crop, weights)
 
     prepared_dir = Path(prepared_dir)
     prepared_dir.mkdir(parents=True, exist_ok=True)
@@ -148,19 +192,11 @@ def prepare_dataset(
         entries = assign_splits(entries, settings.split, archive_name=spec.name)
         out = work / "out"
         out.mkdir()
-        manifest, quarantined = _decode_and_cache(entries, listing, out, settings)
+        manifest, quarantined = _decode_and_cache(entries, listing, out, settings, cropping)
         _check_bad_fraction(spec.name, len(entries), quarantined, settings.max_bad_fraction)
-        dupes = _duplicates_across_splits(manifest)
-        if dupes and not settings.allow_duplicates_across_splits:
-            shown = "; ".join(f"{d['sha1'][:12]}: {', '.join(d['paths'])}" for d in dupes[:5])
-            raise FerflowError(
-                f"{spec.name}: {len(dupes)} image(s) appear in more than one split ({shown}); "
-                "fix the archive or set prepare.allow_duplicates_across_splits=true"
-            )
+        dupes = check_duplicates(spec.name, manifest, settings)
         report = _report(spec, manifest, quarantined, listing.skipped + layout_skipped, dupes, entries, settings)
-        manifest.to_parquet(out / MANIFEST, index=False)
-        (out / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-        _replace_dir(out, prepared_dir / spec.name)
+        publish(out, prepared_dir / spec.name, manifest, report)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     seconds = time.perf_counter() - start
@@ -168,7 +204,7 @@ def prepare_dataset(
 
 
 def _decode_and_cache(
-    entries: list[ImageEntry], listing: ArchiveListing, out: Path, settings: PrepareSettings
+    entries: list[ImageEntry], listing: ArchiveListing, out: Path, settings: PrepareSettings, cropping: _Cropping
 ) -> tuple[pd.DataFrame, list[dict]]:
     """One pass over the images: decode, quarantine failures, fill the per-split caches."""
     by_split: dict[str, list[ImageEntry]] = defaultdict(list)
@@ -180,7 +216,8 @@ def _decode_and_cache(
         split_entries = by_split[split]
         writers = {s: cache_files.SplitWriter(out, s, split, len(split_entries)) for s in settings.image_sizes}
         labels: list[int] = []
-        decoded = _decode_all(listing, [e.path for e in split_entries], settings.image_sizes, settings.workers)
+        decoded = _decode_all(listing, [e.path for e in split_entries], settings.image_sizes, settings.workers,
+                              cropping)
         for entry, img in zip(split_entries, decoded):
             if isinstance(img, str):
                 quarantined.append({"path": entry.path, "reason": img})
@@ -192,12 +229,16 @@ def _decode_and_cache(
                 "path": entry.path, "split": split, "label": entry.label, "label_id": label_id,
                 "identity": entry.identity, "sha1": img.sha1, "width": img.width,
                 "height": img.height, "mode": img.mode, "cache_index": len(labels),
+                "crop_x0": img.box[0], "crop_y0": img.box[1], "crop_x1": img.box[2], "crop_y1": img.box[3],
+                "face": img.face, "face_score": img.face_score,
             })
             labels.append(label_id)
         for writer in writers.values():
             writer.close(np.asarray(labels, dtype=np.int64))
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    manifest = manifest.astype({"label_id": "int64", "width": "int64", "height": "int64", "cache_index": "int64"})
+    manifest = manifest.astype({"label_id": "int64", "width": "int64", "height": "int64", "cache_index": "int64",
+                                **{c: "int64" for c in ("crop_x0", "crop_y0", "crop_x1", "crop_y1")},
+                                "face_score": "float64"})
     return manifest, quarantined
 
 
@@ -208,6 +249,25 @@ def _check_bad_fraction(name: str, total: int, quarantined: list[dict], limit: f
             f"{name}: {len(quarantined)} of {total} images could not be decoded "
             f"(more than prepare.max_bad_fraction={limit}): {shown}"
         )
+
+
+def check_duplicates(name: str, manifest: pd.DataFrame, settings: PrepareSettings) -> list[dict]:
+    """Images whose content is in more than one split: refused unless allowed (then reported)."""
+    dupes = _duplicates_across_splits(manifest)
+    if dupes and not settings.allow_duplicates_across_splits:
+        shown = "; ".join(f"{d['sha1'][:12]}: {', '.join(d['paths'])}" for d in dupes[:5])
+        raise FerflowError(
+            f"{name}: {len(dupes)} image(s) appear in more than one split ({shown}); "
+            "fix the archive or set prepare.allow_duplicates_across_splits=true"
+        )
+    return dupes
+
+
+def publish(out: Path, dest: Path, manifest: pd.DataFrame, report: dict) -> None:
+    """Write manifest and report beside the caches in `out`, then swap `out` into `dest`."""
+    manifest.to_parquet(out / MANIFEST, index=False)
+    (out / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    _replace_dir(out, dest)
 
 
 def _duplicates_across_splits(manifest: pd.DataFrame) -> list[dict]:
@@ -251,6 +311,9 @@ def _report(
         "duplicates_within_split": within,
         "identities_in_several_splits": check_group_leaks(entries),
         "image_sizes": list(settings.image_sizes),
+        # How many images were cropped around a detected face, and how many fell back.
+        "face_crop": {"setting": settings.face_crop, "margin": settings.face_margin,
+                      "counts": {k: int(v) for k, v in sorted(Counter(manifest["face"]).items())}},
         # Content hash of the manifest rows (not the parquet bytes, which embed writer versions).
         "manifest_sha256": manifest_digest(manifest),
     }

@@ -125,6 +125,48 @@ def download(uri: str, dest: Path, settings: FetchSettings, expected_sha256: str
     return _through_part(part, dest, fetch_and_check)
 
 
+REMOTE_SCHEMES = ("http", "https", "s3", "gdrive")
+
+
+def cache_root() -> Path:
+    """Where downloaded weights live: $FERFLOW_CACHE, else $XDG_CACHE_HOME/ferflow or ~/.cache/ferflow."""
+    root = os.environ.get("FERFLOW_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
+                                                           "ferflow")
+    return Path(root).expanduser()
+
+
+def is_remote(source: str) -> bool:
+    return "://" in source and urllib.parse.urlsplit(source).scheme.lower() in REMOTE_SCHEMES
+
+
+def resolve_file(source: str, folder: Path, expected: str | None, settings: FetchSettings, what: str) -> tuple[Path, str]:
+    """(local path, sha256) of a file given as a URI (downloaded once into `folder`) or a path.
+
+    A download is named by the URI (tokens included, so two signed URLs of one file do not
+    collide on a wrong cached copy) and reused while it matches `expected`."""
+    expected = expected.strip().lower() if expected else None
+    if not is_remote(source):
+        path = local_path(source)  # also unwraps file:// URIs
+        if not path.is_file():
+            raise FerflowError(f"{what} not found: {path.resolve()} (from {source!r})")
+        digest = sha256_file(path)
+        if expected is not None and digest != expected:
+            raise FerflowError(f"{what} {path}: sha256 mismatch: expected {expected}, got {digest}; "
+                               "check the file or the sha256 given for it in params.yaml")
+        return path, digest
+    suffix = Path(urllib.parse.urlsplit(source).path).suffix
+    suffix = suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,12}", suffix) else ".bin"
+    dest = Path(folder) / f"{hashlib.sha256(source.encode()).hexdigest()[:24]}{suffix}"
+    if dest.is_file():
+        digest = sha256_file(dest)
+        if expected is None or digest == expected:
+            log.info("%s: using cached %s for %s", what, dest, redact(source))
+            return dest, digest
+        log.warning("cached %s does not match sha256 %s; downloading it again", dest, expected)
+        dest.unlink()
+    return dest, download(source, dest, settings, expected)
+
+
 def _through_part(part: Path, dest: Path, fetch: Callable[[], str]) -> str:
     """Run `fetch` (which writes and checks `part`), then rename `part` to `dest`.
 

@@ -8,10 +8,7 @@ untrusted pickle goes through the restricted unpickler only the first time.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +21,6 @@ from ferflow.errors import FerflowError
 from ferflow.models.checkpoints import read_checkpoint, to_safetensors
 
 log = logging.getLogger(__name__)
-
-_REMOTE_SCHEMES = ("http", "https", "s3", "gdrive")
 
 
 @dataclass(frozen=True)
@@ -47,45 +42,13 @@ def load_pretrained(
         return None
     source = str(source).strip()
     cache_dir = Path(cache_dir).expanduser()
-    expected = expected_sha256.strip().lower() if expected_sha256 else None
-    if _scheme(source) in _REMOTE_SCHEMES:
-        path, digest = _download_cached(source, cache_dir / "downloads", expected, fetch_settings or FetchSettings())
-    else:
-        path = sources.local_path(source)  # also unwraps file:// URIs
-        if not path.is_file():
-            raise FerflowError(f"pretrained weights not found: {path.resolve()} (from {source!r})")
-        digest = sources.sha256_file(path)
-        if expected is not None and digest != expected:
-            raise FerflowError(
-                f"pretrained weights {path}: sha256 mismatch: expected {expected}, got {digest}; "
-                "check the file or the sha256 given for this model in params.yaml"
-            )
+    path, digest = sources.resolve_file(source, cache_dir / "downloads", expected_sha256,
+                                        fetch_settings or FetchSettings(), "pretrained weights")
     if _is_safetensors(path):
         ckpt = read_checkpoint(path)
     else:
         ckpt = read_checkpoint(to_safetensors(path, cache_dir / "safetensors"))
     return PretrainedWeights(ckpt.state_dict, ckpt.meta, sources.redact(source), digest)
-
-
-def _scheme(source: str) -> str:
-    return urllib.parse.urlsplit(source).scheme.lower() if "://" in source else ""
-
-
-def _download_cached(uri: str, folder: Path, expected: str | None, settings: FetchSettings) -> tuple[Path, str]:
-    # Named by the URI (tokens included, so two signed URLs of one file do not collide on
-    # a wrong cached copy); the suffix only helps a human reading the cache.
-    suffix = Path(urllib.parse.urlsplit(uri).path).suffix
-    suffix = suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,12}", suffix) else ".bin"
-    dest = folder / f"{hashlib.sha256(uri.encode()).hexdigest()[:24]}{suffix}"
-    if dest.is_file():
-        digest = sources.sha256_file(dest)
-        if expected is None or digest == expected:
-            log.info("pretrained weights: using cached %s for %s", dest, sources.redact(uri))
-            return dest, digest
-        log.warning("cached %s does not match sha256 %s; downloading it again", dest, expected)
-        dest.unlink()
-    digest = sources.download(uri, dest, settings, expected)
-    return dest, digest
 
 
 def _is_safetensors(path: Path) -> bool:
