@@ -111,7 +111,7 @@ def lineage_tags(
     tags = {
         **git_tags(),
         "dataset.name": dataset,
-        "dataset.archive_sha256": params.data.archive(dataset).sha256,
+        "dataset.archive_sha256": params.data.content_sha256(dataset),
         "dataset.manifest_sha256": report.get("manifest_sha256") or UNKNOWN,
         "model.name": model,
         "model.base_checkpoint": redact_uri(params.weights_for(model).pretrained),
