@@ -123,6 +123,52 @@ def demo_data(
         out.print(f"params using them: {params_out}")
 
 
+def _names(values: Optional[list[str]]) -> list[str]:
+    """Repeatable options that also take comma lists: --style surgical,cloth --style n95."""
+    return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
+
+
+@app.command("synthesize-masks")
+def synthesize_masks(
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="archive name from data.archives (fetched)")],
+    out_zip: Annotated[Path, typer.Option("--out", help="masked archive to write (FILE.zip; face-cut: FILE-face-cut.zip)")],
+    style: Annotated[Optional[list[str]], typer.Option(
+        "--style", help="surgical, cloth, n95, kn95 (repeatable or comma list; default: all)")] = None,
+    colour: Annotated[Optional[list[str]], typer.Option(
+        "--colour", help="plain, dark, coloured, patterned (repeatable or comma list; default: all)")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="same seed, same masks")] = 0,
+    placement: Annotated[str, typer.Option(
+        "--placement", help="auto (detector landmarks when prepare.detector is set, else geometry), landmarks, "
+        "geometry")] = "auto",
+    face_box: Annotated[str, typer.Option(
+        "--face-box", help="where faces are when no landmarks are found: x0,y0,x1,y1 as fractions of the image")]
+    = "0,0,1,1",
+    face_cut: Annotated[bool, typer.Option("--face-cut/--no-face-cut", help="also write the face-cut variant")] = True,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Draw synthetic face masks on every image of an archive (masked and face-cut archives)."""
+    cfg = _load(params, set_, verbose)
+    try:
+        box = tuple(float(v) for v in face_box.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4 or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+        raise ConfigError(f"--face-box {face_box!r}: expected x0,y0,x1,y1 with 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1")
+    try:
+        result = stages.synthesize_masks(cfg, dataset, out_zip, _names(style), _names(colour), seed, placement, box,
+                                         face_cut)
+    except ValueError as exc:  # unknown style or colour names
+        raise ConfigError(str(exc)) from None
+    table = Table("archive", "images", "sha256")
+    for path, digest in result.sha256().items():
+        table.add_row(path, str(result.n_images), digest)
+    out.print(table)
+    out.print("mask placement: " + ", ".join(f"{k} {v}" for k, v in sorted(result.placement.items()))
+              + (f"; {len(result.skipped)} undecodable image(s) skipped" if result.skipped else ""))
+
+
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="zoo name (see `ferflow models`) or timm:<arch>")]
 OneDatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="archive name from data.archives")]
 
@@ -204,13 +250,16 @@ def promote(
         Optional[float], typer.Option("--min-delta", help="required improvement (default: registry.min_delta)")
     ] = None,
     rollback: Annotated[bool, typer.Option("--rollback", help="swap champion and previous-champion back")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="promote the challenger even if it loses to the champion or to its zero-shot start")] = False,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Move `champion` to the best challenger if it beats the champion on the same eval data."""
+    """Move `champion` to the best challenger if it beats the champion on the same eval data
+    and is not below the zero-shot accuracy of the checkpoint it was fine-tuned from."""
     cfg = _load(params, set_, verbose)
-    decision = stages.promote(cfg, dataset, metric, min_delta, rollback)
+    decision = stages.promote(cfg, dataset, metric, min_delta, rollback, force)
     out.print(f"{decision.name}: {decision.action} — {decision.reason}")
     for key, value in decision.as_dict().items():
         if value is not None and key not in ("name", "action", "reason"):

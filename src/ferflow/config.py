@@ -6,6 +6,7 @@ single source of truth and a single place where keys are validated.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Any, Iterable, Literal, Optional
@@ -19,6 +20,12 @@ DEFAULT_PARAMS = Path("params.yaml")
 
 # Real archive names become directory names; keep them portable.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _optional_sha256(v: Optional[str]) -> Optional[str]:
+    if v is not None and not re.fullmatch(r"[0-9a-f]{64}", v.strip().lower()):
+        raise ValueError("must be a sha256 digest: 64 hexadecimal digits")
+    return v.strip().lower() if v else v
 
 
 class _Frozen(BaseModel):
@@ -53,16 +60,53 @@ class DataSettings(_Frozen):
     # Keyed by dataset name: DVC stages are named after the keys (fetch@LFW-FER) and
     # overrides read naturally (--set data.archives.LFW-FER.uri=...).
     archives: dict[str, ArchiveSource] = Field(min_length=1)
+    # Datasets made of several archives (one model for all of them), prepared from the
+    # members' prepared data with identity-grouped splits over the union.
+    unions: dict[str, list[str]] = {}
 
-    @field_validator("archives")
+    @field_validator("archives", "unions")
     @classmethod
-    def _portable_names(cls, v: dict[str, ArchiveSource]) -> dict[str, ArchiveSource]:
+    def _portable_names(cls, v: dict) -> dict:
         for name in v:
             if not _NAME_RE.match(name):
                 raise ValueError(
-                    f"archive name {name!r} must be letters, digits, '.', '_' or '-' (it names a directory)"
+                    f"dataset name {name!r} must be letters, digits, '.', '_' or '-' (it names a directory)"
                 )
         return v
+
+    @model_validator(mode="after")
+    def _union_members(self) -> "DataSettings":
+        for name, members in self.unions.items():
+            if name in self.archives:
+                raise ValueError(f"unions.{name}: the name is already an archive in data.archives")
+            unknown = [m for m in members if m not in self.archives]
+            if unknown or len(set(members)) < 2 or len(set(members)) != len(members):
+                raise ValueError(f"unions.{name}: needs two or more different names from data.archives "
+                                 f"({', '.join(self.archives)}); got {members}")
+        return self
+
+    @property
+    def datasets(self) -> list[str]:
+        """Every dataset that can be prepared and trained on: archives, then unions."""
+        return [*self.archives, *self.unions]
+
+    def check_dataset(self, name: str) -> str:
+        if name not in self.archives and name not in self.unions:
+            raise ConfigError(f"no dataset named {name!r} in data.archives or data.unions "
+                              f"(known: {', '.join(self.datasets)})")
+        return name
+
+    def members(self, name: str) -> list[str]:
+        """The archives a dataset is made of: itself, or a union's members."""
+        self.check_dataset(name)
+        return list(self.unions.get(name, [name]))
+
+    def content_sha256(self, name: str) -> str:
+        """The archive's sha256, or for a union one digest over its members' (in order)."""
+        if name in self.archives:
+            return self.archives[name].sha256
+        joined = ",".join(f"{m}:{self.archives[m].sha256}" for m in self.members(name))
+        return hashlib.sha256(joined.encode()).hexdigest()
 
     @property
     def specs(self) -> list[ArchiveSpec]:
@@ -92,8 +136,25 @@ class SplitSettings(_Frozen):
     seed: int = 13
 
 
+# prepare.face_crop: none | center:<fraction> | detect | detect:<fallback centre fraction>
+FACE_CROP_SYNTAX = re.compile(r"^(?:none|center:(?P<fraction>[0-9.]+)|detect(?::(?P<fallback>[0-9.]+))?)$")
+
+
+class DetectorSettings(_Frozen):
+    """MTCNN weights for prepare.face_crop=detect (and mask placement): facenet-pytorch's
+    wheel on PyPI, pinned by sha256, downloaded once into the ferflow cache."""
+
+    weights: str = Field(description="https URI, local path to the wheel, or a folder with pnet/rnet/onet.pt")
+    sha256: Optional[str] = Field(default=None, description="verified when given")
+
+    _hex = field_validator("sha256")(classmethod(lambda cls, v: _optional_sha256(v)))
+
+
 class PrepareSettings(_Frozen):
     image_sizes: list[int] = Field(default=[224], min_length=1)
+    face_crop: str = Field(default="none", description="none | center:<fraction> | detect | detect:<fallback fraction>")
+    face_margin: float = Field(default=1.3, ge=1.0, le=4.0, description="detect: crop side / face box side")
+    detector: Optional[DetectorSettings] = None
     max_uncompressed_bytes: int = Field(default=4 << 30, gt=0, description="zip-bomb cap per archive")
     max_bad_fraction: float = Field(default=0.01, ge=0, le=1)
     allow_duplicates_across_splits: bool = False
@@ -106,6 +167,26 @@ class PrepareSettings(_Frozen):
         if any(s < 8 or s > 1024 for s in v):
             raise ValueError("each size must be between 8 and 1024 pixels")
         return sorted(set(v))
+
+    @field_validator("face_crop")
+    @classmethod
+    def _face_crop(cls, v: str) -> str:
+        v = v.strip()
+        m = FACE_CROP_SYNTAX.match(v)
+        number = m and (m.group("fraction") or m.group("fallback"))
+        try:
+            ok = m is not None and (number is None or 0 < float(number) <= 1)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError("expected none, center:<fraction in (0, 1]>, detect or detect:<fallback fraction in (0, 1]>")
+        return v
+
+    @model_validator(mode="after")
+    def _detector_given(self) -> "PrepareSettings":
+        if self.face_crop.startswith("detect") and self.detector is None:
+            raise ValueError("face_crop=detect needs prepare.detector (weights and sha256)")
+        return self
 
 
 class DemoSettings(_Frozen):
@@ -128,12 +209,7 @@ class ModelWeights(_Frozen):
     pretrained: str = Field(default="none", description="none | local path | https/s3/gdrive/file URI")
     sha256: Optional[str] = Field(default=None, description="verified when given; recorded always")
 
-    @field_validator("sha256")
-    @classmethod
-    def _hex(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and not re.fullmatch(r"[0-9a-f]{64}", v.strip().lower()):
-            raise ValueError("must be a sha256 digest: 64 hexadecimal digits")
-        return v.strip().lower() if v else v
+    _hex = field_validator("sha256")(classmethod(lambda cls, v: _optional_sha256(v)))
 
 
 class StageSettings(_Frozen):
@@ -149,6 +225,18 @@ class AugmentSettings(_Frozen):
     translate: float = Field(default=0.05, ge=0, le=0.5, description="fraction of the image size")
     scale: tuple[float, float] = (0.9, 1.1)
     erasing_p: float = Field(default=0.25, ge=0, le=1, description="random erasing probability")
+    synthetic_mask_p: float = Field(default=0.0, ge=0, le=1, description="share of images given a drawn face mask")
+    # Where faces sit in the cached images, for placing those masks: the whole image for
+    # face crops (prepare.face_crop, FER-style archives); a smaller box for full frames.
+    mask_face_box: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
+
+    @field_validator("mask_face_box")
+    @classmethod
+    def _box(cls, v: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        x0, y0, x1, y1 = v
+        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+            raise ValueError("expected [x0, y0, x1, y1] fractions with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
+        return v
 
 
 class OptimizerSettings(_Frozen):
@@ -161,7 +249,8 @@ class OptimizerSettings(_Frozen):
 
 class LossSettings(_Frozen):
     label_smoothing: float = Field(default=0.1, ge=0, lt=1)
-    class_weights: Literal["inverse_frequency", "none"] = "inverse_frequency"
+    # sqrt_inverse_frequency: half-way (in log space) between none and inverse_frequency.
+    class_weights: Literal["inverse_frequency", "sqrt_inverse_frequency", "none"] = "inverse_frequency"
 
 
 class EmaSettings(_Frozen):
@@ -175,8 +264,15 @@ class TrainSettings(_Frozen):
     out_dir: Path = Path("models")
     input_size: Optional[int] = Field(default=None, ge=16, le=1024, description="override the zoo's size")
     batch_size: int = Field(default=32, ge=1)
+    head_init: Literal["mapped", "random"] = Field(
+        default="mapped", description="mapped: 3-class head from the pretrained head's rows (where it has "
+        "expression classes), so step 0 predicts what zero-shot does; random: a fresh Linear")
     head_stage: StageSettings = StageSettings(epochs=1, lr=1e-3)
     full_stage: StageSettings = StageSettings(epochs=6, lr=2e-4)
+    layer_decay: float = Field(default=1.0, gt=0, le=1, description="full stage of a pretrained model: lr x layer_decay^depth below the head")
+    batchnorm: Literal["train", "frozen"] = Field(
+        default="train", description="frozen: a pretrained model's BatchNorm keeps its running statistics "
+        "(affine weights still learn)")
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_fraction: float = Field(default=0.1, ge=0, lt=1, description="of each stage's steps")
     min_lr_ratio: float = Field(default=0.01, ge=0, le=1)
@@ -258,9 +354,10 @@ class Params(_Frozen):
     @model_validator(mode="after")
     def _train_names_known(self) -> "Params":
         if self.train is not None:
-            unknown = [d for d in self.train.datasets if d not in self.data.archives]
+            unknown = [d for d in self.train.datasets if d not in self.data.datasets]
             if unknown:
-                raise ValueError(f"train.datasets names {unknown} not in data.archives ({', '.join(self.data.archives)})")
+                raise ValueError(f"train.datasets names {unknown} not in data.archives or data.unions "
+                                 f"({', '.join(self.data.datasets)})")
         return self
 
     def weights_for(self, model: str) -> ModelWeights:

@@ -28,13 +28,31 @@ def fetch(params: Params, names: Optional[Iterable[str]] = None):
 
 
 def prepare(params: Params, names: Optional[Iterable[str]] = None):
-    """Extract, validate and cache each dataset (manifest + report + uint8 caches)."""
+    """Extract, validate and cache each dataset (manifest + report + uint8 caches); a union
+    (data.unions) is gathered from its members' prepared data. Default: every archive."""
     from ferflow.data.prepare import prepare_dataset
+    from ferflow.data.union import prepare_union
 
-    return [
-        prepare_dataset(spec, params.data.raw_dir, params.data.prepared_dir, params.prepare)
-        for spec in select_archives(params, names)
-    ]
+    data = params.data
+    results = []
+    for name in list(names or data.archives):
+        if name in data.unions:
+            members = [data.archive(m) for m in data.members(name)]
+            results.append(prepare_union(name, members, data.raw_dir, data.prepared_dir, params.prepare, params.fetch))
+        else:
+            spec = data.archive(data.check_dataset(name))
+            results.append(prepare_dataset(spec, data.raw_dir, data.prepared_dir, params.prepare, params.fetch))
+    return results
+
+
+def synthesize_masks(params: Params, dataset: str, out: Path, styles=None, colours=None, seed: int = 0,
+                     placement: str = "auto", face_box=(0.0, 0.0, 1.0, 1.0), face_cut: bool = True):
+    """Masked and masked face-cut variants of a dataset's archive, in the layout prepare reads."""
+    from ferflow.data.masks import COLOURS, STYLES
+    from ferflow.data.synthesize import synthesize_masks as synthesize
+
+    return synthesize(params.data.archive(dataset), params.data.raw_dir, Path(out), params.prepare, params.fetch,
+                      styles or STYLES, colours or COLOURS, seed, placement, tuple(face_box), face_cut)
 
 
 def demo_data(params: Params, out_dir: Optional[Path] = None, params_out: Optional[Path] = None):
@@ -171,8 +189,9 @@ def register(params: Params, dataset: str, model: str, run_dir: Optional[Path] =
 
 
 def promote(params: Params, dataset: str, metric: Optional[str] = None, min_delta: Optional[float] = None,
-            rollback: bool = False):
-    """Move `champion` to the best challenger of a dataset's registered model, by the gate."""
+            rollback: bool = False, force: bool = False):
+    """Move `champion` to the best challenger of a dataset's registered model, by the gate
+    (better than the champion, and not below the zero-shot start; `force` skips both)."""
     from ferflow.tracking import registry
 
     from ferflow.training.checkpoint import atomic_write_json
@@ -185,6 +204,7 @@ def promote(params: Params, dataset: str, metric: Optional[str] = None, min_delt
             params, name,
             metric=metric or params.registry.metric,
             min_delta=params.registry.min_delta if min_delta is None else min_delta,
+            force=force,
         )
     atomic_write_json(params.registry.records_dir / "promotions" / f"{dataset}.json", decision.as_dict())
     return decision

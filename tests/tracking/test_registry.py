@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from conftest import start_mlflow_server, stop_process
 from ferflow import stages
 from ferflow.config import load_params
-from ferflow.data.layout import CLASSES
+from ferflow.labels import CLASSES
 from ferflow.errors import FerflowError
 from ferflow.evaluation.report import collect_results
 from ferflow.tracking import registry

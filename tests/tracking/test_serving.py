@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from conftest import free_port
 from ferflow.config import load_params
-from ferflow.data.layout import CLASSES
+from ferflow.labels import CLASSES
 from ferflow.models import zoo
 from ferflow.tracking import registry
 from ferflow.training import checkpoint as ckpt

@@ -19,10 +19,11 @@ import torch
 
 from ferflow.config import Params
 from ferflow.data.cache import CachedSplit
-from ferflow.data.layout import CLASSES
+from ferflow.labels import CLASSES
 from ferflow.data.loader import CacheLoader, EpochBatchSampler
 from ferflow.errors import FerflowError
-from ferflow.evaluation.metrics import collapse_probs, write_evaluation, zero_shot_mapping
+from ferflow.evaluation.metrics import collapse_probs, compute_metrics, write_evaluation
+from ferflow.labels import source_mapping
 from ferflow.training import checkpoint as ckpt
 from ferflow.training.augment import Normalize
 from ferflow.training.runtime import select_device
@@ -41,8 +42,7 @@ def load_run(run_dir: Path, device: torch.device):
         raise FerflowError(f"{run_dir}: no trained model (run.json / {ckpt.BEST} missing); run `ferflow train` first")
     info = json.loads(info_path.read_text())
     entry = zoo.resolve(info["model"])
-    model = zoo.build_model(entry, num_classes=len(CLASSES))
-    model.load_state_dict(ckpt.load_weights(weights), strict=True)
+    model = zoo.build_finetuned(entry, ckpt.load_weights(weights), len(CLASSES))
     return model.to(device).eval(), entry, info
 
 
@@ -68,15 +68,22 @@ def _manifest_paths(data_dir: Path, split: str) -> list[str]:
 
 
 def evaluate_run(params: Params, dataset: str, model_name: str, eval_datasets: Optional[Iterable[str]] = None) -> dict:
-    """Evaluate the run trained on `dataset` on the eval split of each eval dataset."""
+    """Evaluate the run trained on `dataset` on the eval split of each eval dataset, beside
+    the zero-shot result of the checkpoint it started from on the same images
+    (`baseline_accuracy`, `baseline_macro_f1`): promotion refuses a model below it."""
     device = select_device(params.require_train().device)
     run_dir = run_dir_for(params, dataset, model_name)
     model, entry, info = load_run(run_dir, device)
     size = info["input_size"]
     out_root = params.evaluate.out_dir / "fine-tuned" / dataset / model_name
     meta = {"model": model_name, "train_dataset": dataset, "stage": "fine-tuned", "input_size": size}
+    if eval_datasets is None and dataset in params.data.unions:
+        # A union's own eval split (all members' eval images) is its in-domain result.
+        eval_datasets = [*params.data.archives, dataset]
+    baseline = _zero_shot_predictor(params, model_name, device, expected_sha256=info.get("weights_sha256"))
     summary = _evaluate_each(params, out_root, eval_datasets, size, meta,
-                             lambda split: predict(model, entry, split, params.evaluate.batch_size, device))
+                             lambda split: predict(model, entry, split, params.evaluate.batch_size, device),
+                             baseline)
     if dataset in summary:  # in-domain predictions, for DVC's confusion-matrix plot
         in_domain = out_root / dataset / "predictions.csv"
         ckpt.atomic_write_bytes(out_root.with_name(f"{model_name}.predictions.csv"), in_domain.read_bytes())
@@ -84,9 +91,10 @@ def evaluate_run(params: Params, dataset: str, model_name: str, eval_datasets: O
 
 
 def _evaluate_each(params: Params, out_root: Path, eval_datasets: Optional[Iterable[str]], size: int,
-                   meta: dict, probs_for) -> dict:
+                   meta: dict, probs_for, baseline=None) -> dict:
     """Probabilities from `probs_for(split)` on each dataset's eval split, written as
-    evaluation files under `out_root/<dataset>/`, plus the summary beside `out_root`."""
+    evaluation files under `out_root/<dataset>/`, plus the summary beside `out_root`;
+    with `baseline` (a zero-shot `probs_for`), its accuracy and macro-F1 on the same split."""
     summary = {}
     for eval_ds in eval_datasets or list(params.data.archives):
         data_dir = params.data.prepared_dir / eval_ds
@@ -98,6 +106,9 @@ def _evaluate_each(params: Params, out_root: Path, eval_datasets: Optional[Itera
             paths=_manifest_paths(data_dir, params.evaluate.split),
         )
         summary[eval_ds] = {k: metrics[k] for k in ("accuracy", "macro_f1", "n")}
+        if baseline is not None:
+            before = compute_metrics(split.labels, baseline(split).argmax(1), CLASSES)
+            summary[eval_ds].update({f"baseline_{k}": before[k] for k in ("accuracy", "macro_f1")})
     ckpt.atomic_write_json(summary_path(out_root), summary)
     return summary
 
@@ -108,8 +119,6 @@ def summary_path(out_root: Path) -> Path:
 
 
 def _zero_shot_skip_reason(params: Params, entry, pretrained: str) -> Optional[str]:
-    if not params.evaluate.zero_shot:
-        return "evaluate.zero_shot is false"
     if not entry.classes:
         return "the model has no pretrained facial-expression head"
     if pretrained.strip().lower() in ("", "none"):
@@ -117,31 +126,51 @@ def _zero_shot_skip_reason(params: Params, entry, pretrained: str) -> Optional[s
     return None
 
 
-def evaluate_zero_shot(params: Params, model_name: str, eval_datasets: Optional[Iterable[str]] = None) -> dict:
-    """The pretrained 7/8-class head mapped to 3 classes, before any fine-tuning."""
+def _zero_shot_predictor(params: Params, model_name: str, device: torch.device,
+                         expected_sha256: Optional[str] = None):
+    """`probs_for(split)` of the pretrained head mapped to 3 classes, or None when the model
+    has no expression head or no weights (nothing to compare against)."""
     from ferflow.models import zoo
     from ferflow.models.weights import load_pretrained
     from ferflow.training.trainer import _weights_cache
 
     entry = zoo.resolve(model_name)
-    out_root = params.evaluate.out_dir / "zero-shot" / "none" / model_name
     weights_cfg = params.weights_for(model_name)
     why_not = _zero_shot_skip_reason(params, entry, weights_cfg.pretrained)
     if why_not:
+        log.info("%s: no zero-shot evaluation: %s", model_name, why_not)
+        return None
+    try:
+        pretrained = load_pretrained(weights_cfg.pretrained, _weights_cache(), expected_sha256 or weights_cfg.sha256,
+                                     params.fetch)
+    except FerflowError as exc:
+        if expected_sha256 is None:
+            raise
+        raise FerflowError(f"cannot evaluate the starting point of {model_name}: models.{model_name}.pretrained is "
+                           f"not the checkpoint the run started from (sha256 {expected_sha256[:16]}…): {exc}") from None
+    model = zoo.build_model(entry, pretrained=pretrained).to(device).eval()
+    mapping = source_mapping(entry.classes, params.evaluate.surprise)
+    head = lambda m, x: zoo.zero_shot_forward(m, entry, x)  # noqa: E731
+    return lambda split: collapse_probs(predict(model, entry, split, params.evaluate.batch_size, device, head=head),
+                                        mapping)
+
+
+def evaluate_zero_shot(params: Params, model_name: str, eval_datasets: Optional[Iterable[str]] = None) -> dict:
+    """The pretrained 7/8-class head mapped to 3 classes, before any fine-tuning."""
+    from ferflow.models import zoo
+
+    entry = zoo.resolve(model_name)
+    out_root = params.evaluate.out_dir / "zero-shot" / "none" / model_name
+    device = select_device(params.require_train().device)
+    probs_for = _zero_shot_predictor(params, model_name, device) if params.evaluate.zero_shot else None
+    if probs_for is None:
         # A DAG runs this stage for every model; one without an expression head has no
         # "before fine-tuning" row, which is recorded rather than failed.
-        log.info("%s: no zero-shot evaluation: %s", model_name, why_not)
+        why_not = ("evaluate.zero_shot is false" if not params.evaluate.zero_shot
+                   else _zero_shot_skip_reason(params, entry, params.weights_for(model_name).pretrained))
         ckpt.atomic_write_json(summary_path(out_root), {"skipped": why_not})
         out_root.mkdir(parents=True, exist_ok=True)
         return {}
-    pretrained = load_pretrained(weights_cfg.pretrained, _weights_cache(), weights_cfg.sha256, params.fetch)
-    device = select_device(params.require_train().device)
-    model = zoo.build_model(entry, pretrained=pretrained).to(device).eval()
-    mapping = zero_shot_mapping(entry.classes, params.evaluate.surprise)
     size = params.require_train().input_size or entry.input_size
-    head = lambda m, x: zoo.zero_shot_forward(m, entry, x)  # noqa: E731
     meta = {"model": model_name, "train_dataset": "none", "stage": "zero-shot", "surprise": params.evaluate.surprise}
-    return _evaluate_each(
-        params, out_root, eval_datasets, size, meta,
-        lambda split: collapse_probs(predict(model, entry, split, params.evaluate.batch_size, device, head=head), mapping),
-    )
+    return _evaluate_each(params, out_root, eval_datasets, size, meta, probs_for)

@@ -47,6 +47,7 @@ from ferflow.config import Params
 from ferflow.errors import FerflowError
 from ferflow.tracking import service
 from ferflow.tracking.service import redact_text, redact_uri
+from ferflow.tracking.runs import EVAL_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ RUN_JSON, WEIGHTS, RUN_ID_FILE = "run.json", "best.safetensors", "mlflow_run.jso
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 LOGGED_MODEL_NAME = "model"
 WEIGHTS_TAG = "model.weights_sha256"  # sha256 of best.safetensors, on logged models and versions
-EVAL_METRICS = ("accuracy", "macro_f1", "balanced_accuracy", "n")
+
 MAX_TAG_VALUE = 5000  # MLflow's limit for model version tag values
 # What the served model imports (the bundled ferflow code included), pinned to this
 # environment so `mlflow models serve --env-manager virtualenv` rebuilds the same one.
@@ -138,7 +139,7 @@ def _sha256(path: Path) -> str:
 
 
 def _signature() -> ModelSignature:
-    from ferflow.data.layout import CLASSES
+    from ferflow.labels import CLASSES
 
     # `path` is optional beside `image` so that in-process callers can pass files.
     inputs = Schema([ColSpec("string", "image", required=False), ColSpec("string", "path", required=False)])
@@ -257,7 +258,7 @@ def _per_dataset(values: dict, datasets: list[str]) -> dict[str, dict]:
     out = {}
     for ds in datasets:
         found = {}
-        for metric in EVAL_METRICS:
+        for metric in EVAL_KEYS:
             try:
                 found[metric] = float(values[f"eval_{ds}_{metric}"])
             except (KeyError, ValueError):
@@ -278,7 +279,7 @@ def register(params: Params, dataset: str, run_dir: Path) -> ModelVersion:
     files (`evaluate.out_dir`), else from the run's `eval_*` metrics.
     """
     run_dir = Path(run_dir)
-    params.data.archive(dataset)  # a clear error for an unknown dataset
+    params.data.check_dataset(dataset)  # a clear error for an unknown dataset
     info = _read_run_dir(run_dir)
     if info.get("dataset") not in (None, dataset):
         raise FerflowError(f"{run_dir}: trained on {info['dataset']!r}, not {dataset!r}; pass --dataset {info['dataset']}")
@@ -493,7 +494,10 @@ def model_card(name: str, info: dict, dataset: str, tags: dict, evaluation: _Eva
     for eval_ds in sorted(per, key=lambda d: (d != dataset, d)):
         m = per[eval_ds]
         rows.append(f"| {eval_ds}{' (in-domain)' if eval_ds == dataset else ''} | {_pct(m.get('accuracy'))} | "
-                    f"{_pct(m.get('macro_f1'))} | {_pct(m.get('balanced_accuracy'))} | {int(m.get('n', 0)) or '–'} |")
+                    f"{_pct(m.get('macro_f1'))} | {_pct(m.get('balanced_accuracy'))} | "
+                    f"{_pct(m.get('baseline_accuracy'))} | {_delta_pct(m.get('accuracy'), m.get('baseline_accuracy'))} | "
+                    f"{_pct(m.get('baseline_macro_f1'))} | {_delta_pct(m.get('macro_f1'), m.get('baseline_macro_f1'))} | "
+                    f"{int(m.get('n', 0)) or '–'} |")
     return "\n".join([
         f"# {name}: `{info['model']}` fine-tuned on {dataset}",
         "",
@@ -511,8 +515,12 @@ def model_card(name: str, info: dict, dataset: str, tags: dict, evaluation: _Eva
         "",
         f"## Evaluation ({tags.get('eval.split', 'eval')} split, data manifest `{tags['eval.manifest_sha256'][:16]}…`)",
         "",
-        "| evaluated on | accuracy % | macro F1 % | balanced accuracy % | images |",
-        "|---|---:|---:|---:|---:|",
+        "Zero-shot: the base checkpoint's own expression head mapped to the three classes, on the "
+        "same images: the starting point this model must beat to be promoted.",
+        "",
+        "| evaluated on | accuracy % | macro F1 % | balanced accuracy % | zero-shot accuracy % | Δ accuracy | "
+        "zero-shot macro F1 % | Δ macro F1 | images |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
         "## Intended use",
@@ -531,6 +539,10 @@ def model_card(name: str, info: dict, dataset: str, tags: dict, evaluation: _Eva
 
 def _pct(value) -> str:
     return "–" if value is None else f"{100.0 * float(value):.2f}"
+
+
+def _delta_pct(value, start) -> str:
+    return "–" if value is None or start is None else f"{100.0 * (float(value) - float(start)):+.2f}"
 
 
 # ---------------------------------------------------------------------------- promotion
@@ -659,6 +671,15 @@ def _decide(name: str, champion, challenger, candidates: list, metric: str, min_
     if challenger is not None and _metric(challenger, metric) is None:
         return verdict("refused", challenger, None, f"challenger has no {metric!r} tag; was it evaluated?")
     scored = [(v, value) for v, value in scored if value is not None]
+    if not force:
+        # A fine-tuned model must beat the checkpoint it started from, whatever the champion is.
+        if challenger is not None and (why := below_starting_point(challenger)):
+            return verdict("refused", challenger, _metric(challenger, metric), why + "; promote with --force to override")
+        below = [v for v, _ in scored if below_starting_point(v)]
+        scored = [s for s in scored if s[0] not in below]
+        if not scored and below:
+            return verdict("refused", below[-1], _metric(below[-1], metric),
+                           below_starting_point(below[-1]) + "; promote with --force to override")
     if not scored:
         return PromotionDecision(action="refused", reason="no candidate: no challenger and no evaluated version "
                                  "newer than the champion", **base)
@@ -693,6 +714,17 @@ def _decide(name: str, champion, challenger, candidates: list, metric: str, min_
     return verdict("promoted" if won else "refused", best, value, (
         f"{metric} {value:.6g} {'beats' if won else 'does not beat'} champion v{champion.version} "
         f"({champ_value:.6g}) on the same data: delta {delta:+.6g}, needed > 0 and >= min_delta {min_delta:g}"))
+
+
+def below_starting_point(version) -> Optional[str]:
+    """Why a version may not be promoted on its own merits: its in-domain eval accuracy is
+    below the zero-shot accuracy of its base checkpoint on the same eval split; else None."""
+    value, start = _metric(version, "eval_accuracy"), _metric(version, "eval_baseline_accuracy")
+    if value is None or start is None or value >= start:
+        return None
+    return (f"v{version.version} eval accuracy {value:.4f} is below its starting point: the base checkpoint "
+            f"{version.tags.get('model.name', '')} zero-shot scores {start:.4f} on the same eval split "
+            f"({value - start:+.4f})")
 
 
 def _best_on_newest_data(scored: list) -> tuple:
@@ -757,9 +789,9 @@ def registry_results(params: Params) -> pd.DataFrame:
     from ferflow.evaluation.report import COLUMNS
 
     client = _client(params)
-    rows = []
+    rows, baselines = [], {}
     with _mlflow_errors("reading the registry"):
-        for dataset in params.data.archives:
+        for dataset in params.data.datasets:
             name = params.registry.name_for(dataset)
             versions = _versions(client, name)
             if not versions:
@@ -778,4 +810,10 @@ def registry_results(params: Params) -> pd.DataFrame:
                                  "eval_dataset": eval_ds, "accuracy": m["accuracy"],
                                  "macro_f1": m.get("macro_f1", math.nan),
                                  "balanced_accuracy": m.get("balanced_accuracy", math.nan), "n": int(m.get("n", 0))})
+                    if "baseline_accuracy" in m:  # the starting point recorded with this version
+                        baselines[(model, eval_ds)] = {
+                            "stage": "zero-shot", "model": model, "train_dataset": "none", "eval_dataset": eval_ds,
+                            "accuracy": m["baseline_accuracy"], "macro_f1": m.get("baseline_macro_f1", math.nan),
+                            "balanced_accuracy": math.nan, "n": int(m.get("n", 0))}
+    rows.extend(baselines[k] for k in sorted(baselines))
     return pd.DataFrame(rows, columns=COLUMNS)

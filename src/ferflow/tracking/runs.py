@@ -356,7 +356,7 @@ class MlflowTrainCallback:
         self.close("FINISHED")
 
     def _log_result(self, result: "TrainResult") -> None:
-        from ferflow.data.layout import CLASSES
+        from ferflow.labels import CLASSES
 
         client, run_id = self._client, self.run_id
         if self.resumed:  # epochs finished before a crash but never logged (killed in between)
@@ -414,6 +414,10 @@ class MlflowTrainCallback:
 # ---------------------------------------------------------------------------- evaluation
 
 
+# Per eval dataset; baseline_* is the zero-shot result of the run's starting checkpoint.
+EVAL_KEYS = ("accuracy", "macro_f1", "balanced_accuracy", "n", "baseline_accuracy", "baseline_macro_f1")
+
+
 def evaluation_records(params: Params, dataset: str, summary: dict, eval_dir: Path) -> tuple[dict, dict]:
     """(metrics, tags) of a cross-dataset evaluation: `eval_<metric>` for the in-domain
     dataset, `eval_<dataset>_<metric>` for every evaluated one; eval data digests as tags."""
@@ -427,7 +431,7 @@ def evaluation_records(params: Params, dataset: str, summary: dict, eval_dir: Pa
             values.update(json.loads((Path(eval_dir) / eval_ds / "metrics.json").read_text()))
         except (OSError, ValueError):
             pass
-        numeric = {k: _number(v) for k, v in values.items() if k in ("accuracy", "macro_f1", "balanced_accuracy", "n")}
+        numeric = {k: _number(v) for k, v in values.items() if k in EVAL_KEYS}
         numeric = {k: v for k, v in numeric.items() if v is not None}
         metrics.update({f"eval_{eval_ds}_{k}": v for k, v in numeric.items()})
         digest = read_report(params.data.prepared_dir, eval_ds).get("manifest_sha256") or "unknown"
