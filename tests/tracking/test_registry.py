@@ -89,9 +89,11 @@ def params_for(params_file: Path, uri: str, *extra: str):
                                              *names, *extra])
 
 
-def variant(trained, uri: str, dest: Path, accuracy: float | None = None, seed: int | None = None, *extra: str):
+def variant(trained, uri: str, dest: Path, accuracy: float | None = None, seed: int | None = None, *extra: str,
+            baseline: float | None = None):
     """A copy of the trained run (weights perturbed when `seed` is given) with its own
-    evaluation files, in-domain accuracy set to `accuracy`; returns (params, run dir)."""
+    evaluation files, in-domain accuracy set to `accuracy` (and the zero-shot accuracy of
+    its starting point to `baseline`); returns (params, run dir)."""
     params_file, run_dir, eval_dir = trained
     run = dest / "run"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("last.pt", "mlflow_run.json"))
@@ -109,6 +111,8 @@ def variant(trained, uri: str, dest: Path, accuracy: float | None = None, seed: 
             data = json.loads(path.read_text())
             node = data[keys[0]] if keys else data
             node["accuracy"] = accuracy
+            if baseline is not None and keys:
+                node.update(baseline_accuracy=baseline, baseline_macro_f1=baseline - 0.1)
             path.write_text(json.dumps(data))
     return params_for(params_file, uri, f"evaluate.out_dir={evaluation}", *extra), run
 
@@ -138,6 +142,44 @@ def demo_images(params, n: int = 4) -> list[tuple[str, bytes]]:
 
 
 # ---------------------------------------------------------------------------- the flow
+
+
+def test_a_model_below_its_zero_shot_start_is_never_promoted_unless_forced(trained, tracking, tmp_path):
+    client = MlflowClient()
+    params, run1 = variant(trained, tracking.uri, tmp_path / "v1", 0.55, 1, f"registry.records_dir={tmp_path / 'rec'}",
+                           baseline=0.6)
+    name = params.registry.name_for(DATASET)
+    v1 = registry.register(params, DATASET, run1)
+    assert float(v1.tags["eval_baseline_accuracy"]) == pytest.approx(0.6)
+    assert "zero-shot accuracy %" in v1.description and "| 60.00 | −5.00 |".replace("−", "-") in v1.description
+
+    refused = stages.promote(params, DATASET)
+    assert refused.action == "refused" and refused.candidate_version == "1"
+    assert "0.5500" in refused.reason and "0.6000" in refused.reason and "starting point" in refused.reason
+    assert "champion" not in aliases(client, name)
+    assert "starting point" in client.get_model_version(name, "1").tags["promotion.reason"]
+    record = json.loads((params.registry.records_dir / "promotions" / f"{DATASET}.json").read_text())
+    assert record["action"] == "refused"
+
+    # One at or above its start is promoted as usual; the one below stays out.
+    p2, run2 = variant(trained, tracking.uri, tmp_path / "v2", 0.62, 2, baseline=0.6)
+    (p2,) = same_names(params, p2)
+    v2 = registry.register(p2, DATASET, run2)
+    won = stages.promote(params, DATASET)
+    assert won.action == "promoted" and won.candidate_version == str(v2.version)
+
+    forced = registry.promote(params, name, force=True)  # nothing newer: the challenger alias is gone
+    assert forced.action == "refused"
+    p3, run3 = variant(trained, tracking.uri, tmp_path / "v3", 0.7, 3, baseline=0.75)
+    (p3,) = same_names(params, p3)
+    v3 = registry.register(p3, DATASET, run3)
+    assert stages.promote(params, DATASET).action == "refused"
+    forced = stages.promote(params, DATASET, force=True)
+    assert forced.action == "promoted" and forced.candidate_version == str(v3.version)
+
+    results = registry.registry_results(params)
+    zero = results[(results["stage"] == "zero-shot") & (results["eval_dataset"] == DATASET)]
+    assert list(zero["accuracy"]) == [pytest.approx(0.75)]  # the champion's starting point
 
 
 def test_register_promote_rollback_then_serve_champion(trained, tracking, tmp_path):

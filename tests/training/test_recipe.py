@@ -151,3 +151,16 @@ def test_class_weight_options():
     torch.testing.assert_close(class_weights(LossSettings(class_weights="inverse_frequency"), labels, 3), full)
     torch.testing.assert_close(class_weights(LossSettings(class_weights="sqrt_inverse_frequency"), labels, 3),
                                full.sqrt())
+
+
+def test_one_model_trained_on_the_union_is_evaluated_on_each_archive(demo_workspace, tmp_path):
+    params = load(demo_workspace, f"train.out_dir={tmp_path / 'models'}", f"evaluate.out_dir={tmp_path / 'eval'}",
+                  "train.datasets=[LFW-emotion-all]", "train.head_stage.epochs=0", "train.full_stage.epochs=1",
+                  "train.max_steps_per_epoch=4")
+    stages.prepare(params, ["LFW-emotion-all"])
+    result = stages.train(params, "LFW-emotion-all", "demo_tiny")
+    info = read_json(result.run_dir / "run.json")
+    assert info["n_train"] > 3 * 1000  # the three archives' training images together
+    summary = stages.evaluate(params, "LFW-emotion-all", "demo_tiny")
+    assert list(summary) == ["LFW-FER", "M-LFW-FER", "M-LFW-FER-face-cut", "LFW-emotion-all"]
+    assert summary["LFW-emotion-all"]["n"] == sum(summary[d]["n"] for d in list(summary)[:3])
