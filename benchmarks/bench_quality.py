@@ -39,6 +39,7 @@ from ferflow import stages  # noqa: E402
 DATASETS = ("LFW-FER", "M-LFW-FER", "M-LFW-FER-face-cut")
 OUT = WORK / "quality"
 MODEL = "fer7_b0_112"
+DETECTOR = Path(os.environ.get("FERFLOW_DETECTOR", REPO / ".venv" / "assets" / "facenet_pytorch-2.6.0-py3-none-any.whl"))
 
 PREVIOUS_DEFAULT = [  # params.yaml before issue 8, spelled out so the comparison survives new defaults
     "train.head_init=random", "train.head_stage.lr=0.001", "train.full_stage.lr=0.0002", "train.layer_decay=1.0",
@@ -50,11 +51,16 @@ PREVIOUS_DEFAULT = [  # params.yaml before issue 8, spelled out so the compariso
 ]
 HSEMOTION = HSEMOTION_RECIPE + ["train.head_init=random", "train.head_stage.lr=0.001", "train.full_stage.lr=0.0001",
                                 "train.layer_decay=1.0", "train.batchnorm=train", "train.augment.synthetic_mask_p=0"]
+MASKS = ["train.augment.synthetic_mask_p=0.5"]
 RECIPES: dict[str, list[str]] = {
     "HSEmotion": HSEMOTION,
     "previous default": PREVIOUS_DEFAULT,
     "new default": [],
+    "new default + masks": MASKS,
+    "new default + face crop": [],  # trained on the framed archives, prepared with face_crop=detect
 }
+FRAMED = {"LFW-FER": "LFW-FER-framed", "M-LFW-FER": "M-LFW-FER-framed"}
+FACE_CROP = ["prepare.face_crop=detect:0.55", "prepare.face_margin=1.0"]
 
 
 def ablations() -> dict[str, list[str]]:
@@ -72,13 +78,57 @@ def ablations() -> dict[str, list[str]]:
     }
 
 
+def frame_archive(source: Path, dest: Path, seed: int = 0) -> Path:
+    """The archive with each face placed in a 250 x 250 frame, like an LFW photo: scaled to
+    100-140 px, its centre within 25 px of the frame's, over a blurred, enlarged other face
+    of the archive as background. Deterministic; written once."""
+    import hashlib
+    import io
+    import zipfile
+
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".partial")
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(tmp, "w") as out:
+        names = sorted(n for n in src.namelist() if n.lower().endswith(".jpg") and "__MACOSX" not in n)
+        for name in names:
+            rng = np.random.default_rng(int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little"))
+            side = int(rng.integers(100, 141))
+            cx, cy = (125 + int(v) for v in rng.integers(-25, 26, 2))
+            background = Image.open(io.BytesIO(src.read(names[int(rng.integers(len(names)))]))).convert("RGB")
+            frame = background.resize((250, 250), Image.BILINEAR).filter(ImageFilter.GaussianBlur(8))
+            face = Image.open(io.BytesIO(src.read(name))).convert("RGB").resize((side, side), Image.BILINEAR)
+            frame.paste(face, (cx - side // 2, cy - side // 2))
+            buf = io.BytesIO()
+            frame.save(buf, format="JPEG", quality=95)
+            out.writestr(name, buf.getvalue())
+    tmp.replace(dest)
+    return dest
+
+
+def with_framed(base):
+    """Params that also hold the framed archives (prepared with a face crop)."""
+    from ferflow.data.sources import sha256_file
+
+    archives = base.data.model_dump(mode="json")["archives"]
+    for name, framed in FRAMED.items():
+        path = frame_archive(base.data.raw_dir / f"{name}.zip", WORK / "framed" / f"{framed}.zip")
+        archives[framed] = {"uri": str(path), "sha256": sha256_file(path)}
+    return load_params_like(base, [f"data.archives={json.dumps(archives)}", *FACE_CROP,
+                                   f"prepare.detector.weights={DETECTOR}"])
+
+
 def run_one(base, recipe: str, overrides: list[str], train_ds: str, seed: int, eval_sets=DATASETS) -> dict:
     """Train + evaluate once, or read the result of an earlier identical run."""
     tag = recipe.replace(" ", "_").replace("/", "-").replace("(", "").replace(")", "")
     record = OUT / "runs" / tag / train_ds / f"seed{seed}.json"
     if record.is_file():
         data = json.loads(record.read_text())
-        if data.get("overrides") == overrides:
+        if data.get("overrides") == overrides and set(eval_sets) <= set(data["eval"]):
             return data
     work = OUT / "work" / tag / train_ds / f"seed{seed}"
     shutil.rmtree(work, ignore_errors=True)
@@ -102,7 +152,7 @@ def run_one(base, recipe: str, overrides: list[str], train_ds: str, seed: int, e
 
 
 def zero_shot(base, eval_sets=DATASETS) -> dict:
-    record = OUT / "zero-shot.json"
+    record = OUT / f"zero-shot-{'-'.join(eval_sets)}.json"
     if record.is_file():
         return json.loads(record.read_text())
     p = load_params_like(base, [f"evaluate.out_dir={OUT / 'work' / 'zero-shot'}"])
@@ -117,23 +167,39 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def cell(values: list[float]) -> str:
+def pct(values: list[float]) -> str:
     m, s = mean_std([100 * v for v in values])
     return f"{m:.2f} ± {s:.2f}"
+
+
+def metric(runs: list[dict], ds: str, key: str) -> list[float]:
+    return [r["eval"][ds][key] for r in runs]
+
+
+def table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    print(f"\n{title}\n")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+def goal(text: str, ok: bool, detail: str) -> None:
+    print(f"  [{'met' if ok else 'NOT met'}] {text}: {detail}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--recipes", nargs="*", help="subset of recipe names (default: all)")
-    ap.add_argument("--train-on", nargs="*", default=list(DATASETS), help="training archives")
     ap.add_argument("--ablation", action="store_true", help="one-change-at-a-time variants on LFW-FER")
     ap.add_argument("--head-epochs", type=int, default=1)
     ap.add_argument("--full-epochs", type=int, default=3)
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--fresh", action="store_true", help="forget earlier results")
     args = ap.parse_args()
-    for path, what in ((STANDIN / "SHA256SUMS", "stand-in archives (FERFLOW_STANDIN)"), (FER7, "fer7 checkpoint (FERFLOW_FER7)")):
+    for path, what in ((STANDIN / "SHA256SUMS", "stand-in archives (FERFLOW_STANDIN)"),
+                       (FER7, "fer7 checkpoint (FERFLOW_FER7)"), (DETECTOR, "detector wheel (make assets)")):
         if not path.is_file():
             sys.exit(f"{what} not found at {path}")
     if args.fresh:
@@ -146,27 +212,103 @@ def main() -> int:
     print(f"fer7_b0_112 at {args.size} px, {args.head_epochs} head + {args.full_epochs} full epochs, seeds {seeds}, "
           f"{os.cpu_count()} cores", flush=True)
     zs = zero_shot(base)
-
-    recipes = ablations() if args.ablation else RECIPES
-    train_on = ["LFW-FER"] if args.ablation else args.train_on
-    names = args.recipes or list(recipes)
-    rows = {}
+    if args.ablation:
+        return run_ablation(base, seeds, zs)
+    names = args.recipes or list(RECIPES)
+    runs: dict[tuple[str, str], list[dict]] = {}
     for name in names:
-        for ds in train_on:
-            rows[(name, ds)] = [run_one(base, name, recipes[name], ds, s) for s in seeds]
+        if name == "new default + masks":
+            runs[(name, "LFW-FER")] = [run_one(base, name, MASKS, "LFW-FER", s) for s in seeds]
+        elif name == "new default + face crop":
+            framed = with_framed(base)
+            ensure_prepared(framed, tuple(FRAMED.values()))
+            zs.update(zero_shot(framed, tuple(FRAMED.values())))
+            for ds, fr in FRAMED.items():
+                runs[(name, ds)] = [run_one(framed, name, [], fr, s, eval_sets=(fr,)) for s in seeds]
+        else:
+            for ds in DATASETS:
+                evals = DATASETS if name == "new default" else (ds,)
+                runs[(name, ds)] = [run_one(base, name, RECIPES[name], ds, s, eval_sets=evals) for s in seeds]
+    report(names, runs, zs, seeds)
+    return 0
 
-    print(f"\nIn-domain eval accuracy / macro-F1 (%), mean ± std over {len(seeds)} seeds; train minutes")
-    print(f"{'recipe':<34}" + "".join(f"{ds:>34}" for ds in train_on))
-    print(f"{'zero-shot':<34}" + "".join(
-        f"{100 * zs[ds]['accuracy']:>15.2f} / {100 * zs[ds]['macro_f1']:<15.2f}" for ds in train_on))
-    for name in names:
-        cells = []
-        for ds in train_on:
-            runs = rows[(name, ds)]
-            cells.append(f"{cell([r['eval'][ds]['accuracy'] for r in runs]):>15} / "
-                         f"{cell([r['eval'][ds]['macro_f1'] for r in runs]):<15}")
-        minutes = statistics.fmean(r["train_seconds"] for ds in train_on for r in rows[(name, ds)]) / 60
-        print(f"{name:<34}" + "".join(f"{c:>34}" for c in cells) + f"  {minutes:5.1f} min")
+
+def report(names: list[str], runs: dict, zs: dict, seeds: list[int]) -> None:
+    plain = [n for n in names if n in ("HSEmotion", "previous default", "new default")]
+    rows = [["zero-shot (no training)", *[f"{100 * zs[d]['accuracy']:.2f} / {100 * zs[d]['macro_f1']:.2f}"
+                                          for d in DATASETS], "–"]]
+    for name in plain:
+        cells = [f"{pct(metric(runs[(name, d)], d, 'accuracy'))} / {pct(metric(runs[(name, d)], d, 'macro_f1'))}"
+                 for d in DATASETS]
+        minutes = statistics.fmean(r["train_seconds"] for d in DATASETS for r in runs[(name, d)]) / 60
+        rows.append([name, *cells, f"{minutes:.1f}"])
+    table(f"In-domain eval accuracy / macro-F1 (%), mean ± std over {len(seeds)} seeds (trained and evaluated on "
+          "the same archive)", ["recipe", *DATASETS, "train min"], rows)
+
+    if "new default" in names:
+        rows = [[f"trained on {t}", *[f"{pct(metric(runs[('new default', t)], e, 'accuracy'))}" for e in DATASETS]]
+                for t in DATASETS]
+        table("Cross-dataset accuracy (%) of the new default, mean ± std", ["", *DATASETS], rows)
+    if "new default + masks" in names and "new default" in names:
+        rows = []
+        for name in ("new default", "new default + masks"):
+            got = runs[(name, "LFW-FER")]
+            rows.append([f"{name} (trained on LFW-FER)",
+                         *[f"{pct(metric(got, d, 'accuracy'))} / {pct(metric(got, d, 'macro_f1'))}" for d in DATASETS]])
+        table("Mask augmentation: trained on the bare archive, evaluated on bare and masked faces (acc / macro-F1 %)",
+              ["model", *DATASETS], rows)
+    if "new default + face crop" in names and "new default" in names:
+        rows = []
+        for ds, fr in FRAMED.items():
+            framed, bare = runs[("new default + face crop", ds)], runs[("new default", ds)]
+            rows.append([ds, pct(metric(bare, ds, "accuracy")), pct(metric(framed, fr, "accuracy")),
+                         f"{100 * zs[ds]['accuracy']:.2f}", f"{100 * zs[fr]['accuracy']:.2f}"])
+        table("Face crop: faces framed in 250 px photos, prepared with face_crop=detect (accuracy %)",
+              ["archive", "unframed, new default", "framed + face crop, new default", "zero-shot unframed",
+               "zero-shot framed + face crop"], rows)
+
+    print("\nGoals")
+    if {"new default", "HSEmotion"} <= set(names):
+        for d in DATASETS:
+            new, hse = runs[("new default", d)], runs[("HSEmotion", d)]
+            acc, f1 = (statistics.fmean(metric(new, d, k)) for k in ("accuracy", "macro_f1"))
+            dz = (acc - zs[d]["accuracy"]) * 100, (f1 - zs[d]["macro_f1"]) * 100
+            goal(f"{d}: new default >= zero-shot +3 acc / +8 macro-F1", dz[0] >= 3 and dz[1] >= 8,
+                 f"{dz[0]:+.2f} / {dz[1]:+.2f}")
+            dh = [(acc - statistics.fmean(metric(hse, d, "accuracy"))) * 100,
+                  (f1 - statistics.fmean(metric(hse, d, "macro_f1"))) * 100]
+            goal(f"{d}: new default >= HSEmotion +2 acc and macro-F1", min(dh) >= 2, f"{dh[0]:+.2f} / {dh[1]:+.2f}")
+    if {"new default", "new default + masks"} <= set(names):
+        masked = runs[("new default + masks", "LFW-FER")]
+        bare_acc = statistics.fmean(metric(masked, "LFW-FER", "accuracy"))
+        mask_acc = statistics.fmean(metric(masked, "M-LFW-FER", "accuracy"))
+        without = statistics.fmean(metric(runs[("new default", "LFW-FER")], "M-LFW-FER", "accuracy"))
+        goal("masked accuracy >= 0.95 x bare accuracy (mask-augmented model)", mask_acc >= 0.95 * bare_acc,
+             f"{100 * mask_acc:.2f} vs {100 * bare_acc:.2f} (ratio {mask_acc / bare_acc:.3f})")
+        goal("masked accuracy >= same recipe without masks + 5", (mask_acc - without) * 100 >= 5,
+             f"{100 * mask_acc:.2f} vs {100 * without:.2f} ({100 * (mask_acc - without):+.2f})")
+    if {"new default", "new default + face crop"} <= set(names):
+        for ds, fr in FRAMED.items():
+            a = statistics.fmean(metric(runs[("new default + face crop", ds)], fr, "accuracy"))
+            b = statistics.fmean(metric(runs[("new default", ds)], ds, "accuracy"))
+            goal(f"{ds}: framed + face crop within 2 points of unframed", abs(a - b) * 100 <= 2, f"{100 * (a - b):+.2f}")
+    if {"new default", "previous default"} <= set(names):
+        t_new = statistics.fmean(r["train_seconds"] for d in DATASETS for r in runs[("new default", d)])
+        t_old = statistics.fmean(r["train_seconds"] for d in DATASETS for r in runs[("previous default", d)])
+        goal("training time <= 1.3 x the previous default's", t_new <= 1.3 * t_old, f"{t_new / t_old:.2f}x")
+
+
+def run_ablation(base, seeds: list[int], zs: dict) -> int:
+    variants = ablations()
+    # The new default is evaluated everywhere, so that the main benchmark reuses these runs.
+    results = {name: [run_one(base, name, ov, "LFW-FER", s, eval_sets=DATASETS if not ov else ("LFW-FER",))
+                      for s in seeds] for name, ov in variants.items()}
+    rows = [["zero-shot", f"{100 * zs['LFW-FER']['accuracy']:.2f}", f"{100 * zs['LFW-FER']['macro_f1']:.2f}", "–"]]
+    for name, got in results.items():
+        rows.append([name, pct(metric(got, "LFW-FER", "accuracy")), pct(metric(got, "LFW-FER", "macro_f1")),
+                     f"{statistics.fmean(r['train_seconds'] for r in got) / 60:.1f}"])
+    table(f"Ablation on LFW-FER: one change from the new default, mean ± std over {len(seeds)} seeds",
+          ["variant", "accuracy %", "macro-F1 %", "train min"], rows)
     return 0
 
 

@@ -9,6 +9,11 @@ P2 recipe: fer7_b0_112 fine-tuned on the stand-in LFW-FER with ferflow's default
 
     python benchmarks/bench_train.py p3 p4 [--images 320]
     python benchmarks/bench_train.py p2 [--head-epochs 1 --full-epochs 3 --size 112]
+    python benchmarks/bench_train.py timm [--steps 24 --rounds 2]
+
+timm: ferflow's loop (new default augmentation) against timm's own train.py
+   (../shared/anchors/timm-train), same images, model, batch, threads and workers, fp32 and
+   bf16 autocast, alternated in one run.
 """
 
 from __future__ import annotations
@@ -154,6 +159,74 @@ def run_p3_p4(args) -> None:
     print(f"  speed-up                                       {ref / ours_secs:8.2f}x   (goal >= 1.5x)")
 
 
+# ---------------------------------------------------------------------------- vs timm's train.py
+
+TIMM_TRAIN = Path(os.environ.get("FERFLOW_TIMM_TRAIN", SHARED / "anchors" / "timm-train" / "train.py"))
+
+
+def timm_anchor_ips(data_dir: Path, steps: int, batch: int, size: int, bf16: bool) -> float:
+    """timm's own train.py on the same images: its running average img/s after `steps` steps
+    (the number in parentheses on its `Train:` log line), then the process is stopped."""
+    import re
+    import subprocess
+
+    out = WORK / "timm-out"
+    cmd = [sys.executable, str(TIMM_TRAIN), "--data-dir", str(data_dir), "--train-split", "train",
+           "--val-split", "eval", "--model", "tf_efficientnet_b0", "--num-classes", "3", "--img-size", str(size),
+           "-b", str(batch), "--epochs", "1", "-j", "2", "--device", "cpu", "--channels-last",
+           "--log-interval", str(steps), "--opt", "adamw", "--lr", "1e-3", "--output", str(out)]
+    if bf16:
+        cmd += ["--amp", "--amp-dtype", "bfloat16"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    line_re = re.compile(r"Train: 0 \[\s*(\d+)/.*\(\s*[\d.]+s,\s*([\d.]+)/s\)")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        for line in proc.stdout:
+            m = line_re.search(line)
+            if m and int(m.group(1)) >= steps:
+                return float(m.group(2))
+    finally:
+        proc.kill()
+        proc.wait()
+    raise RuntimeError(f"timm's train.py ended before step {steps}: {' '.join(cmd)}")
+
+
+def run_timm(args) -> None:
+    """ferflow's training loop against timm's train.py: same images (stand-in LFW-FER train
+    split), model (tf_efficientnet_b0 from scratch), batch, threads (2) and loader workers (2),
+    fp32 and bf16 autocast, alternating so both see the same machine load."""
+    if not TIMM_TRAIN.is_file():
+        sys.exit(f"timm's train.py not found at {TIMM_TRAIN} (set FERFLOW_TIMM_TRAIN)")
+    size, batch, steps = 224, 32, args.steps
+    params = standin_params(size, ["train.workers=2", "train.threads=2", "train.early_stopping_patience=0",
+                                   f"train.batch_size={batch}"])
+    ensure_prepared(params)
+    extracted = WORK / "extracted" / "LFW-FER"
+    if not extracted.exists():
+        shutil.unpack_archive(WORK / "raw" / "LFW-FER.zip", extracted)
+    data_dir = next(extracted.rglob("train")).parent
+    aug = params.require_train().augment
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores, batch {batch}, {size}px, {steps} steps; ferflow "
+          f"augmentation: hflip {aug.hflip}, rotate {aug.rotate_deg}, translate {aug.translate}, scale {aug.scale}, "
+          f"erasing {aug.erasing_p}, masks {aug.synthetic_mask_p}")
+    results: dict[str, list[float]] = {}
+    for round_ in range(args.rounds):
+        for precision in ("fp32", "bf16"):
+            bf16 = precision == "bf16"
+            results.setdefault(f"timm {precision}", []).append(timm_anchor_ips(data_dir, steps, batch, size, bf16))
+            p = load_params_like(params, [f"train.amp={'bf16' if bf16 else 'off'}"])
+            results.setdefault(f"ferflow {precision}", []).append(ferflow_ips(p, steps)[0])
+            print(f"  round {round_ + 1} {precision}: timm {results[f'timm {precision}'][-1]:.1f} img/s, "
+                  f"ferflow {results[f'ferflow {precision}'][-1]:.1f} img/s", flush=True)
+    mean = {k: sum(v) / len(v) for k, v in results.items()}
+    print(f"\nimg/s averaged over the first {steps} steps, mean of {args.rounds} alternated rounds")
+    for key, value in mean.items():
+        print(f"  {key:<14} {value:7.1f}   ({', '.join(f'{v:.1f}' for v in results[key])})")
+    print(f"  ferflow fp32 / timm fp32   {mean['ferflow fp32'] / mean['timm fp32']:.3f}   (goal >= 1.0)")
+    print(f"  ferflow bf16 / timm fp32   {mean['ferflow bf16'] / mean['timm fp32']:.3f}   (goal >= 1.1)")
+    print(f"  ferflow bf16 / timm bf16   {mean['ferflow bf16'] / mean['timm bf16']:.3f}")
+
+
 # ---------------------------------------------------------------------------- P2
 
 
@@ -193,7 +266,9 @@ def run_p2(args) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", nargs="+", choices=["p2", "p3", "p4"])
+    ap.add_argument("which", nargs="+", choices=["p2", "p3", "p4", "timm"])
+    ap.add_argument("--steps", type=int, default=24, help="timm: training steps compared")
+    ap.add_argument("--rounds", type=int, default=2, help="timm: alternated rounds")
     ap.add_argument("--images", type=int, default=320, help="P3/P4: images per measurement")
     ap.add_argument("--size", type=int, default=112, help="P2 input size")
     ap.add_argument("--head-epochs", type=int, default=1)
@@ -204,6 +279,8 @@ def main() -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     if "p3" in args.which or "p4" in args.which:
         run_p3_p4(args)
+    if "timm" in args.which:
+        run_timm(args)
     if "p2" in args.which:
         run_p2(args)
     return 0
