@@ -179,7 +179,8 @@ class PrepareSettings(_Frozen):
         except ValueError:
             ok = False
         if not ok:
-            raise ValueError("expected none, center:<fraction in (0, 1]>, detect or detect:<fallback fraction in (0, 1]>")
+            raise ValueError("expected none, center:<fraction in (0, 1]>, detect or "
+                             "detect:<fallback fraction in (0, 1]>")
         return v
 
     @model_validator(mode="after")
@@ -269,7 +270,8 @@ class TrainSettings(_Frozen):
         "expression classes), so step 0 predicts what zero-shot does; random: a fresh Linear")
     head_stage: StageSettings = StageSettings(epochs=1, lr=1e-3)
     full_stage: StageSettings = StageSettings(epochs=6, lr=2e-4)
-    layer_decay: float = Field(default=1.0, gt=0, le=1, description="full stage of a pretrained model: lr x layer_decay^depth below the head")
+    layer_decay: float = Field(default=1.0, gt=0, le=1,
+                               description="full stage of a pretrained model: lr x layer_decay^depth below the head")
     batchnorm: Literal["train", "frozen"] = Field(
         default="train", description="frozen: a pretrained model's BatchNorm keeps its running statistics "
         "(affine weights still learn)")

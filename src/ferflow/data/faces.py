@@ -299,7 +299,8 @@ class FaceCrop:
         """From a `prepare.face_crop` value (already checked by config.PrepareSettings)."""
         m = FACE_CROP_SYNTAX.match(text.strip())
         if m is None:
-            raise FerflowError(f"prepare.face_crop: {text!r} is not none, center:<fraction>, detect or detect:<fraction>")
+            raise FerflowError(f"prepare.face_crop: {text!r} is not none, center:<fraction>, detect or "
+                               "detect:<fraction>")
         if m.group("fraction"):
             return cls("center", fraction=float(m.group("fraction")), margin=margin)
         if text.strip().startswith("detect"):
@@ -325,7 +326,10 @@ def face_box(face: Face, width: int, height: int, margin: float) -> tuple[int, i
     return box[0], box[1], max(box[2], box[0] + 1), max(box[3], box[1] + 1)
 
 
-def crop_box(crop: FaceCrop, image: np.ndarray, detector: Optional[FaceDetector]) -> tuple[tuple[int, int, int, int], str, float]:
+Box = tuple[int, int, int, int]
+
+
+def crop_box(crop: FaceCrop, image: np.ndarray, detector: Optional[FaceDetector]) -> tuple[Box, str, float]:
     """(box, source, score): source is "none", "center", "detected" or "fallback"."""
     height, width = image.shape[:2]
     if crop.mode == "none":

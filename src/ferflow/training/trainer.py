@@ -100,7 +100,8 @@ def train(
         val_split = _validation_split(data_dir, size)
         weights_cfg = params.weights_for(model_name)
         pretrained = load_pretrained(weights_cfg.pretrained, _weights_cache(), weights_cfg.sha256, params.fetch)
-        head_init = "mapped" if cfg.head_init == "mapped" and pretrained is not None and zoo.can_map_head(entry) else "random"
+        mappable = pretrained is not None and zoo.can_map_head(entry)
+        head_init = "mapped" if cfg.head_init == "mapped" and mappable else "random"
         if head_init == "mapped":
             model = zoo.build_model(entry, pretrained=pretrained)
             zoo.swap_head(model, entry, len(CLASSES), source_mapping(entry.classes, params.evaluate.surprise))
@@ -108,16 +109,13 @@ def train(
             if cfg.head_init == "mapped" and entry.classes:
                 log.info("%s: no pretrained weights, so the 3-class head starts random", model_name)
             model = zoo.build_model(entry, num_classes=len(CLASSES), pretrained=pretrained)
-        loop = _Loop(cfg, params.seed, entry, model, train_split, val_split, rt)
-        # Pretrained BN statistics are worth keeping while only the head learns; random
-        # ones are not (the head would fit features that change once BN runs in train mode).
-        loop.pretrained = pretrained is not None
+        recipe = recipe_hash(params, dataset, model_name)
         # A mapped head already predicts: its step-0 validation is the first best checkpoint,
         # so a run never ends with weights worse on val than where it started.
-        loop.validate_start = head_init == "mapped"
-        loop.recipe = recipe_hash(params, dataset, model_name)
+        loop = _Loop(cfg, params.seed, entry, model, train_split, val_split, rt, recipe,
+                     pretrained=pretrained is not None, validate_start=head_init == "mapped")
         info = {
-            "recipe_hash": loop.recipe,
+            "recipe_hash": recipe,
             "dataset": dataset, "model": model_name, "arch": entry.arch, "input_size": size,
             "weights_source": pretrained.source if pretrained else "none",
             "weights_sha256": pretrained.sha256 if pretrained else None,
@@ -160,10 +158,15 @@ def forward_logits(model: nn.Module, images: torch.Tensor):
 
 
 class _Loop:
-    def __init__(self, cfg: TrainSettings, seed: int, entry, model: nn.Module, train_split, val_split, rt: Runtime):
+    def __init__(self, cfg: TrainSettings, seed: int, entry, model: nn.Module, train_split, val_split, rt: Runtime,
+                 recipe: str, pretrained: bool, validate_start: bool):
         from ferflow.models import zoo
 
         self.cfg, self.seed, self.entry, self.rt = cfg, seed, entry, rt
+        self.recipe = recipe
+        # Pretrained BN statistics are worth keeping while only the head learns; random
+        # ones are not (the head would fit features that change once BN runs in train mode).
+        self.pretrained, self.validate_start = pretrained, validate_start
         self.train_split, self.val_split = train_split, val_split
         self.head_params_list = zoo.head_parameters(model, entry)
         self.head_params = {id(p) for p in self.head_params_list}
@@ -197,9 +200,6 @@ class _Loop:
         val_sampler = EpochBatchSampler(len(val_split), cfg.batch_size * 2, False, seed, False, rt.rank, rt.world_size, pad=False)
         self.val_loader = CacheLoader(val_split, val_sampler, cfg.workers, rt.device.type == "cuda")
         self.stages = [("head", cfg.head_stage), ("full", cfg.full_stage)]
-        self.recipe = ""
-        self.pretrained = True
-        self.validate_start = False
 
     def _criterion(self) -> nn.Module:
         if self.entry.head == "dan":
@@ -299,9 +299,10 @@ class _Loop:
             first += stage.epochs
         result = TrainResult(run_dir, best["epoch"], best["metrics"], epoch, history, resumed_from)
         if self.rt.is_main:
+            speeds = [h["images_per_s"] for h in history if h["images_per_s"]]  # epoch 0 trains nothing
             ckpt.atomic_write_json(run_dir / TRAIN_METRICS, {
                 "best_epoch": best["epoch"], "epochs_run": epoch, **best["metrics"],
-                "train_images_per_s": float(np.mean(speeds)) if (speeds := [h["images_per_s"] for h in history if h["images_per_s"]]) else 0.0,
+                "train_images_per_s": float(np.mean(speeds)) if speeds else 0.0,
             })
         return result
 
