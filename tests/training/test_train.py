@@ -109,6 +109,17 @@ def test_augment_keeps_shape_and_changes_pixels():
     assert torch.equal(augment(x, off), x)
 
 
+def test_flip_folded_into_the_affine_is_a_plain_flip():
+    x = torch.randn(16, 3, 12, 10)
+    identity_affine = AugmentSettings(rotate_deg=0, translate=0, scale=(1.0, 1.0 + 1e-7), erasing_p=0)
+    torch.manual_seed(3)
+    folded = augment(x, identity_affine)
+    torch.manual_seed(3)
+    flip = torch.rand(16) < 0.5
+    assert 0 < int(flip.sum()) < 16
+    torch.testing.assert_close(folded, torch.where(flip.view(16, 1, 1, 1), x.flip(3), x), atol=1e-5, rtol=0)
+
+
 def test_normalize_matches_reference():
     images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

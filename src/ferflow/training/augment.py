@@ -33,25 +33,30 @@ def augment(x: torch.Tensor, cfg: AugmentSettings) -> torch.Tensor:
     restore the RNG state) draw the same augmentations.
     """
     n = x.shape[0]
-    if cfg.hflip:
-        flip = torch.rand(n, device=x.device) < 0.5
-        x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+    flip = torch.rand(n, device=x.device) < 0.5 if cfg.hflip else None
     lo, hi = cfg.scale
     if cfg.rotate_deg > 0 or cfg.translate > 0 or lo != 1.0 or hi != 1.0:
-        x = _random_affine(x, cfg.rotate_deg, cfg.translate, lo, hi)
+        x = _random_affine(x, cfg.rotate_deg, cfg.translate, lo, hi, flip)
+    elif flip is not None:
+        x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
     if cfg.erasing_p > 0:
         x = _random_erase(x, cfg.erasing_p)
     return x
 
 
-def _random_affine(x: torch.Tensor, degrees: float, translate: float, lo: float, hi: float) -> torch.Tensor:
+def _random_affine(x: torch.Tensor, degrees: float, translate: float, lo: float, hi: float,
+                   flip: torch.Tensor | None = None) -> torch.Tensor:
+    """One grid_sample per batch; a horizontal flip is folded into the same transform (its
+    output x coordinate negated), so flipping costs no pass of its own."""
     n = x.shape[0]
     dev = x.device
     angle = (torch.rand(n, device=dev) * 2 - 1) * math.radians(degrees)
     zoom = lo + torch.rand(n, device=dev) * (hi - lo)
     shift = (torch.rand(n, 2, device=dev) * 2 - 1) * translate * 2  # grid coords span 2
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    mirror = torch.where(flip, -1.0, 1.0).to(cos.dtype) if flip is not None else torch.ones_like(cos)
+    theta = torch.stack([torch.stack([cos * mirror, -sin, shift[:, 0]], 1),
+                         torch.stack([sin * mirror, cos, shift[:, 1]], 1)], 1)
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     # Zero in normalised space is the mean colour: a neutral fill for exposed corners.
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
