@@ -71,8 +71,10 @@ def ablations() -> dict[str, list[str]]:
         "layer_decay=1 (one lr)": ["train.layer_decay=1.0"],
         "batchnorm=train": ["train.batchnorm=train"],
         "class_weights=inverse_frequency": ["train.loss.class_weights=inverse_frequency"],
-        "class_weights=none": ["train.loss.class_weights=none"],
-        "augment: previous (erasing 0.25)": ["train.augment.erasing_p=0.25"],
+        "class_weights=sqrt_inverse_frequency": ["train.loss.class_weights=sqrt_inverse_frequency"],
+        "augment: previous (+ erasing 0.25)": ["train.augment.erasing_p=0.25"],
+        "augment: stronger (20 deg, 10 %, 0.8-1.2)": ["train.augment.rotate_deg=20", "train.augment.translate=0.1",
+                                                      "train.augment.scale=[0.8, 1.2]"],
         "augment: none": ["train.augment.hflip=false", "train.augment.rotate_deg=0", "train.augment.translate=0",
                           "train.augment.scale=[1.0, 1.0]", "train.augment.erasing_p=0"],
     }

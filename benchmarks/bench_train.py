@@ -9,7 +9,7 @@ P2 recipe: fer7_b0_112 fine-tuned on the stand-in LFW-FER with ferflow's default
 
     python benchmarks/bench_train.py p3 p4 [--images 320]
     python benchmarks/bench_train.py p2 [--head-epochs 1 --full-epochs 3 --size 112]
-    python benchmarks/bench_train.py timm [--steps 24 --rounds 2]
+    python benchmarks/bench_train.py timm [--steps 24 --rounds 3]
 
 timm: ferflow's loop (new default augmentation) against timm's own train.py
    (../shared/anchors/timm-train), same images, model, batch, threads and workers, fp32 and
@@ -191,6 +191,26 @@ def timm_anchor_ips(data_dir: Path, steps: int, batch: int, size: int, bf16: boo
     raise RuntimeError(f"timm's train.py ended before step {steps}: {' '.join(cmd)}")
 
 
+def ferflow_subprocess_ips(params, steps: int) -> float:
+    """`ferflow train` as its own process, as timm's train.py runs (both start cold: no
+    warmed-up kernels or caches from an earlier run in the same process)."""
+    import subprocess
+
+    import yaml
+
+    out = WORK / "runs" / "vs-timm"
+    shutil.rmtree(out, ignore_errors=True)
+    p = load_params_like(params, [f"train.out_dir={out}", f"train.max_steps_per_epoch={steps}",
+                                  "train.head_stage.epochs=0", "train.full_stage.epochs=1"])
+    params_file = WORK / "vs-timm-params.yaml"
+    params_file.write_text(yaml.safe_dump(p.model_dump(mode="json")))
+    subprocess.run([sys.executable, "-m", "ferflow.cli", "train", "--dataset", "LFW-FER", "--model",
+                    "timm:tf_efficientnet_b0", "--params", str(params_file)], check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "2"})
+    history = json.loads((out / "LFW-FER" / "timm:tf_efficientnet_b0" / "history.json").read_text())
+    return history[-1]["images_per_s"]
+
+
 def run_timm(args) -> None:
     """ferflow's training loop against timm's train.py: same images (stand-in LFW-FER train
     split), model (tf_efficientnet_b0 from scratch), batch, threads (2) and loader workers (2),
@@ -214,8 +234,8 @@ def run_timm(args) -> None:
         for precision in ("fp32", "bf16"):
             bf16 = precision == "bf16"
             results.setdefault(f"timm {precision}", []).append(timm_anchor_ips(data_dir, steps, batch, size, bf16))
-            p = load_params_like(params, [f"train.amp={'bf16' if bf16 else 'off'}"])
-            results.setdefault(f"ferflow {precision}", []).append(ferflow_ips(p, steps)[0])
+            p = load_params_like(params, ["train.amp=bf16" if bf16 else "train.amp='off'"])
+            results.setdefault(f"ferflow {precision}", []).append(ferflow_subprocess_ips(p, steps))
             print(f"  round {round_ + 1} {precision}: timm {results[f'timm {precision}'][-1]:.1f} img/s, "
                   f"ferflow {results[f'ferflow {precision}'][-1]:.1f} img/s", flush=True)
     mean = {k: sum(v) / len(v) for k, v in results.items()}
@@ -268,7 +288,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("which", nargs="+", choices=["p2", "p3", "p4", "timm"])
     ap.add_argument("--steps", type=int, default=24, help="timm: training steps compared")
-    ap.add_argument("--rounds", type=int, default=2, help="timm: alternated rounds")
+    ap.add_argument("--rounds", type=int, default=3, help="timm: alternated rounds")
     ap.add_argument("--images", type=int, default=320, help="P3/P4: images per measurement")
     ap.add_argument("--size", type=int, default=112, help="P2 input size")
     ap.add_argument("--head-epochs", type=int, default=1)

@@ -292,6 +292,9 @@ class TrainSettings(_Frozen):
     compile: bool = False
     deterministic: bool = False
     threads: int = Field(default=0, ge=0, description="CPU threads; 0 = torch default")
+    cpu_keep_freed_memory: bool = Field(
+        default=True, description="CPU: glibc malloc keeps freed buffers (no per-step page faults; ~2x faster "
+        "steps measured), at the price of holding peak memory")
     workers: int = Field(default=2, ge=0, description="cache prefetch threads")
     max_steps_per_epoch: Optional[int] = Field(default=None, ge=1, description="cap, for smoke runs")
 

@@ -39,10 +39,10 @@ from ferflow.config import ArchiveSpec, FetchSettings, PrepareSettings
 from ferflow.data import cache as cache_files
 from ferflow.data.archive import ArchiveListing, inspect_archive, open_zip, read_member
 from ferflow.data.faces import FaceCrop, FaceDetector, crop_box, detector_weights, read_weights_container
-from ferflow.labels import CLASSES
 from ferflow.data.layout import ImageEntry, assign_splits, check_group_leaks, discover
 from ferflow.data.sources import verify_file
 from ferflow.errors import FerflowError
+from ferflow.labels import CLASSES
 
 MANIFEST = "manifest.parquet"
 REPORT = "report.json"
@@ -123,7 +123,6 @@ class _Cropping:
     def detector(self) -> FaceDetector | None:
         if self.detector_weights is None:
             return None
-        torch.set_num_threads(1)  # one decode process per core already
         return FaceDetector(read_weights_container(self.detector_weights))
 
 
@@ -142,6 +141,7 @@ _worker: dict = {}
 
 
 def _worker_init(listing: ArchiveListing, cropping: _Cropping) -> None:
+    torch.set_num_threads(1)  # one decode process per core already
     _worker["listing"], _worker["zip"] = listing, open_zip(listing.path)
     _worker["crop"], _worker["detector"] = cropping.crop, cropping.detector()
 

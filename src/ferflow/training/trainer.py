@@ -62,7 +62,7 @@ class TrainResult:
 
 
 # Keys of `train` that change how fast a run goes but not what it computes.
-_NOT_RECIPE = ("out_dir", "workers", "threads", "datasets", "models")
+_NOT_RECIPE = ("out_dir", "workers", "threads", "datasets", "models", "cpu_keep_freed_memory")
 
 
 def recipe_hash(params: Params, dataset: str, model_name: str) -> str:
