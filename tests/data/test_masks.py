@@ -171,3 +171,16 @@ def test_synthesize_masks_bad_options_exit_2_and_write_nothing(demo_archives, tm
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_nothing_under_the_mask_shows_through():
+    """Two faces that differ only at the mouth look the same once masked: the mask takes
+    the broad light of the face, never its features (a smile must not leak)."""
+    base = torch.full((1, 3, 112, 112), 150.0)
+    smiling = base.clone()
+    smiling[..., 82:96, 40:72] = 30.0  # a dark open mouth
+    look_ = look("cloth", "plain")
+    a = draw_masks(base, whole_image(1), look_)
+    b = draw_masks(smiling, whole_image(1), look_)
+    mouth = (slice(None), slice(None), slice(82, 96), slice(40, 72))
+    assert torch.equal(b[mouth], a[mouth])

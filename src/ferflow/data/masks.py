@@ -138,7 +138,9 @@ def draw_masks(images: Tensor, geometry: FaceGeometry, look: MaskLook, select: T
                                                        look.params)))
     f = min(1.0, max_render / max(h, w)) if max_render else 1.0
     rh, rw = max(8, round(h * f)), max(8, round(w * f))
-    alpha, premultiplied = _mask_layer(geometry, look, len(index), rh, rw, images.device, images.dtype)
+    # The scene's light at render size: masks take the shading of the face they cover.
+    light = F.adaptive_avg_pool2d(chosen.mean(1, keepdim=True), (rh, rw))
+    alpha, premultiplied = _mask_layer(geometry, look, len(index), rh, rw, images.device, images.dtype, light)
     if (rh, rw) != (h, w):
         alpha = F.interpolate(alpha, size=(h, w), mode="bilinear", align_corners=False)
         premultiplied = F.interpolate(premultiplied, size=(h, w), mode="bilinear", align_corners=False)
@@ -149,8 +151,10 @@ def draw_masks(images: Tensor, geometry: FaceGeometry, look: MaskLook, select: T
     return out
 
 
-def _mask_layer(geometry: FaceGeometry, look: MaskLook, n: int, h: int, w: int, dev, dtype) -> tuple[Tensor, Tensor]:
-    """(coverage (N, 1, H, W), colour x coverage (N, 3, H, W)) of mask and ear loops."""
+def _mask_layer(geometry: FaceGeometry, look: MaskLook, n: int, h: int, w: int, dev, dtype,
+                light: Tensor) -> tuple[Tensor, Tensor]:
+    """(coverage (N, 1, H, W), colour x coverage (N, 3, H, W)) of mask and ear loops;
+    `light` (N, 1, H, W) is the image's brightness, whose broad shading the mask takes on."""
     eyes, nose, mouth = geometry.eyes.to(dev, dtype), geometry.nose.to(dev, dtype), geometry.mouth.to(dev, dtype)
     p = look.params.to(dev, dtype)
     style = look.style.to(dev)
@@ -213,7 +217,21 @@ def _mask_layer(geometry: FaceGeometry, look: MaskLook, n: int, h: int, w: int, 
     motif = torch.where(kind == 0, stripes, torch.where(kind == 1, dots, checks)).unsqueeze(1)
     second = look.rgb2.to(dev, dtype).view(n, 3, 1, 1)
     colour = torch.where(patterned & motif, second, colour)
-    mask_rgb = (colour * shade.unsqueeze(1)).clamp(0, 255)
+    # Fabric: a fine weave, so the mask is not a perfectly flat region.
+    weave = torch.sin(2 * math.pi * (u * px / 2.3 + p[:, 5].view(n, 1, 1))) * torch.sin(
+        2 * math.pi * (v * px / 2.3 + p[:, 6].view(n, 1, 1)))
+    shade = shade + 0.025 * weave
+    # Broad shading: the brightness of the face around the mask on a coarse 6 x 6 grid,
+    # interpolated across it, relative to its mean: a face lit from one side gives a mask lit
+    # from that side. Only pixels outside the mask count, so nothing under it (a smile least
+    # of all) can show through.
+    outside = (alpha < 0.5).unsqueeze(1).to(dtype)
+    overall = (light * outside).sum((2, 3), keepdim=True) / outside.sum((2, 3), keepdim=True).clamp(min=1)
+    num, den = F.adaptive_avg_pool2d(light * outside, 6), F.adaptive_avg_pool2d(outside, 6)
+    coarse = torch.where(den > 0.05, num / den.clamp(min=1e-6), overall)
+    broad = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    relight = (broad / overall.clamp(min=1.0)).clamp(0.6, 1.3) ** 0.5
+    mask_rgb = (colour * shade.unsqueeze(1) * relight).clamp(0, 255)
 
     # Ear loops (surgical, kn95): thin strings from the mask's upper and lower corners
     # towards the ears, beyond the cheeks.
