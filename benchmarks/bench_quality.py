@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_train import FER7, HSEMOTION_RECIPE, STANDIN, WORK, ensure_prepared, load_params_like, standin_params  # noqa: E402
 
 from ferflow import stages  # noqa: E402
+from ferflow.training.trainer import recipe_hash  # noqa: E402
 
 DATASETS = ("LFW-FER", "M-LFW-FER", "M-LFW-FER-face-cut")
 OUT = WORK / "quality"
@@ -128,19 +129,20 @@ def run_one(base, recipe: str, overrides: list[str], train_ds: str, seed: int, e
     """Train + evaluate once, or read the result of an earlier identical run."""
     tag = recipe.replace(" ", "_").replace("/", "-").replace("(", "").replace(")", "")
     record = OUT / "runs" / tag / train_ds / f"seed{seed}.json"
-    if record.is_file():
-        data = json.loads(record.read_text())
-        if data.get("overrides") == overrides and set(eval_sets) <= set(data["eval"]):
-            return data
     work = OUT / "work" / tag / train_ds / f"seed{seed}"
-    shutil.rmtree(work, ignore_errors=True)
     p = load_params_like(base, [f"seed={seed}", f"train.out_dir={work / 'models'}",
                                 f"evaluate.out_dir={work / 'evaluation'}", *overrides])
+    digest = recipe_hash(p, train_ds, MODEL)  # what is trained, whatever params.yaml said then
+    if record.is_file():
+        data = json.loads(record.read_text())
+        if data.get("recipe_hash") == digest and set(eval_sets) <= set(data["eval"]):
+            return data
+    shutil.rmtree(work, ignore_errors=True)
     start = time.perf_counter()
     result = stages.train(p, train_ds, MODEL)
     train_s = time.perf_counter() - start
     summary = stages.evaluate(p, train_ds, MODEL, list(eval_sets))
-    data = {"recipe": recipe, "overrides": overrides, "train_dataset": train_ds, "seed": seed,
+    data = {"recipe": recipe, "overrides": overrides, "recipe_hash": digest, "train_dataset": train_ds, "seed": seed,
             "train_seconds": train_s, "best_epoch": result.best_epoch,
             "history": [{k: h[k] for k in ("epoch", "stage", "val_accuracy", "val_macro_f1")} for h in result.history],
             "eval": {ds: {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]} for ds, m in summary.items()}}

@@ -220,8 +220,15 @@ def evaluate(
         out.print(f"{model}: nothing to evaluate zero-shot (no pretrained expression head or weights)")
         return
     table = Table("evaluated on", "accuracy", "macro-F1", "images")
+    started = any("baseline_accuracy" in m for m in summary.values())
+    if started:  # the fine-tuned model beside the checkpoint it started from, zero-shot
+        table = Table("evaluated on", "accuracy", "macro-F1", "zero-shot start", "Δ accuracy", "images")
     for name, m in summary.items():
-        table.add_row(name, f"{100 * m['accuracy']:.2f} %", f"{m['macro_f1']:.4f}", str(m["n"]))
+        cells = [f"{100 * m['accuracy']:.2f} %", f"{m['macro_f1']:.4f}"]
+        if started:
+            start = m.get("baseline_accuracy")
+            cells += ["–", "–"] if start is None else [f"{100 * start:.2f} %", f"{100 * (m['accuracy'] - start):+.2f}"]
+        table.add_row(name, *cells, str(m["n"]))
     out.print(table)
 
 
