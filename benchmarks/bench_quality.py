@@ -165,6 +165,8 @@ def zero_shot(base, eval_sets=DATASETS) -> dict:
     record = OUT / f"zero-shot-{'-'.join(eval_sets)}.json"
     if record.is_file():
         return json.loads(record.read_text())
+    if REPORT_ONLY:
+        return {}
     p = load_params_like(base, [f"evaluate.out_dir={OUT / 'work' / 'zero-shot'}"])
     summary = stages.zero_shot(p, MODEL, list(eval_sets))
     data = {ds: {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]} for ds, m in summary.items()}
@@ -251,9 +253,7 @@ def main() -> int:
                 ensure_prepared(framed, tuple(framed_sets.values()))
             for ds, fr in framed_sets.items():
                 runs[(name, ds)] = [run_one(framed, name, [], fr, s, eval_sets=(fr,)) for s in seeds]
-                zs_record = OUT / f"zero-shot-{fr}.json"
-                if not REPORT_ONLY or zs_record.is_file():
-                    zs.update(zero_shot(framed, (fr,)))
+                zs.update(zero_shot(framed, (fr,)))
         else:
             for ds in train_on:
                 evals = DATASETS if name == "new default" else (ds,)
@@ -293,7 +293,7 @@ def report(names: list[str], runs: dict, zs: dict, seeds: list[int]) -> None:
     if "new default + face crop" in names:
         rows = []
         for ds, fr in FRAMED.items():
-            if (("new default + face crop", ds)) not in runs:
+            if ("new default + face crop", ds) not in runs:
                 continue
             rows.append([ds, cell(runs, ("new default", ds), ds, ("accuracy",)),
                          cell(runs, ("new default + face crop", ds), fr, ("accuracy",)),
