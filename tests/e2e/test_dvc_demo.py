@@ -63,6 +63,15 @@ def test_repro_runs_every_stage_then_nothing(workspace):
     assert {"fetch@LFW-FER", "prepare@LFW-FER"} <= set(lock["stages"])
 
 
+def test_workers_and_threads_rerun_nothing(workspace):
+    """How a run is executed is not what it computes: dvc.yaml lists only recipe keys."""
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["train"]["workers"], params["train"]["threads"] = 1, 1
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run(["dvc", "repro"], cwd=workspace).stdout
+    assert "Running stage" not in out and "Data and pipelines are up to date" in out
+
+
 def test_changing_a_param_reruns_only_prepare(workspace):
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     params["prepare"]["max_bad_fraction"] = 0.05

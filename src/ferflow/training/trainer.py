@@ -62,12 +62,14 @@ class TrainResult:
 
 
 # Keys of `train` that change how fast a run goes but not what it computes.
-_NOT_RECIPE = ("out_dir", "workers", "threads", "datasets", "models", "cpu_keep_freed_memory")
+# train keys that never change what a run computes: left out of the recipe hash (a resume
+# continues across them) and of the train stage's `params:` in dvc.yaml (a test holds them equal).
+NOT_RECIPE_KEYS = ("out_dir", "workers", "threads", "datasets", "models", "cpu_keep_freed_memory")
 
 
 def recipe_hash(params: Params, dataset: str, model_name: str) -> str:
     """Identifies what a run computes: a resume only continues a run with the same hash."""
-    train = {k: v for k, v in params.require_train().model_dump(mode="json").items() if k not in _NOT_RECIPE}
+    train = {k: v for k, v in params.require_train().model_dump(mode="json").items() if k not in NOT_RECIPE_KEYS}
     blob = {"seed": params.seed, "dataset": dataset, "model": model_name, "train": train,
             "weights": params.weights_for(model_name).model_dump(mode="json"),
             "archive_sha256": params.data.content_sha256(dataset)}
