@@ -338,6 +338,8 @@ class RegistrySettings(_Frozen):
     records_dir: Path = Field(default=Path("registry"), description="what register/promote did, as files (DVC outs)")
     metric: str = "eval_accuracy"
     min_delta: float = Field(default=0.0, ge=0)
+    promote_in_experiments: bool = Field(
+        default=False, description="`dvc exp run` trials register (tagged dvc.experiment) but move champion only if true")
 
     def name_for(self, dataset: str) -> str:
         return self.names.get(dataset) or f"ferflow-{dataset.lower()}"

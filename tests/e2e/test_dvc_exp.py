@@ -84,6 +84,20 @@ def test_exp_run_reruns_training_only(clone):
     assert f"Running stage 'zero-shot@{MODEL}'" not in out  # no dependency on train
     name = out.split("Ran experiment(s):")[1].split()[0]
 
+    # The trial registered its models under its own name and left each champion in place.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
+    for dataset in DATASETS:
+        registered = f"ferflow-{dataset.lower()}"
+        trial = [v for v in client.search_model_versions(f"name='{registered}'")
+                 if v.tags.get("dvc.experiment") == name]
+        assert trial, f"{registered}: no version tagged dvc.experiment={name}"
+        champion = str(client.get_registered_model(registered).aliases["champion"])
+        assert champion not in {str(v.version) for v in trial}
+        decision = json.loads((ws / "registry" / "promotions" / f"{dataset}.json").read_text())
+        assert decision["action"] == "skipped" and decision["champion_after"] == champion
+
     rows = json.loads(run(["dvc", "exp", "show", "--json"], cwd=ws).stdout)
     baseline = next(r for r in rows if r["rev"] != "workspace")
     exp = next(rev for e in baseline["experiments"] or [] for rev in e["revs"] if rev["name"] == name)

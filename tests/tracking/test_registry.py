@@ -182,6 +182,31 @@ def test_a_model_below_its_zero_shot_start_is_never_promoted_unless_forced(train
     assert list(zero["accuracy"]) == [pytest.approx(0.75)]  # the champion's starting point
 
 
+def test_dvc_experiment_trials_are_tagged_and_never_move_champion(trained, tracking, tmp_path, monkeypatch):
+    """Inside `dvc exp run` (DVC names the trial in DVC_EXP_NAME) a version is registered
+    with the trial's name, and promote leaves champion alone unless params ask for it."""
+    client = MlflowClient()
+    params, run1 = variant(trained, tracking.uri, tmp_path / "v1", 0.6, 1, f"registry.records_dir={tmp_path / 'rec'}")
+    name = params.registry.name_for(DATASET)
+    registry.register(params, DATASET, run1)
+    assert stages.promote(params, DATASET).action == "promoted"  # v1 champion, outside any trial
+
+    monkeypatch.setenv("DVC_EXP_NAME", "lucid-lr")
+    p2, run2 = variant(trained, tracking.uri, tmp_path / "v2", 0.9, 2)
+    (p2,) = same_names(params, p2)
+    v2 = registry.register(p2, DATASET, run2)
+    assert v2.tags["dvc.experiment"] == "lucid-lr"
+    skipped = stages.promote(params, DATASET)
+    assert skipped.action == "skipped" and "lucid-lr" in skipped.reason and skipped.champion_version == "1"
+    assert aliases(client, name)["champion"] == "1" and aliases(client, name)["challenger"] == str(v2.version)
+    record = json.loads((params.registry.records_dir / "promotions" / f"{DATASET}.json").read_text())
+    assert record["action"] == "skipped" and record["champion_after"] == "1"
+
+    asked = params.model_copy(update={"registry": params.registry.model_copy(update={"promote_in_experiments": True})})
+    won = stages.promote(asked, DATASET)
+    assert won.action == "promoted" and aliases(client, name)["champion"] == str(v2.version)
+
+
 def test_register_promote_rollback_then_serve_champion(trained, tracking, tmp_path):
     client = MlflowClient()
     uri = tracking.uri

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -465,6 +466,8 @@ def _version_tags(params: Params, info: dict, dataset: str, run_dir: Path, run, 
     })
     tags.update(evaluation.tags)
     tags.update({k: _number_text(v) for k, v in evaluation.metrics.items()})
+    if dvc_experiment():
+        tags[EXPERIMENT_TAG] = dvc_experiment()[:MAX_TAG_VALUE]
     if tags.get("eval.manifest_sha256", "unknown") == "unknown":
         raise FerflowError(
             f"{params.data.prepared_dir / dataset / 'report.json'}: no manifest_sha256 to identify the evaluation "
@@ -553,7 +556,7 @@ class PromotionDecision:
     """What `promote` or `rollback` decided, also written as `promotion.*` version tags."""
 
     name: str
-    action: str  # "promoted" | "refused" | "rolled-back"
+    action: str  # "promoted" | "refused" | "rolled-back" | "skipped" (a DVC experiment trial)
     reason: str
     at: str  # ISO 8601, UTC
     metric: str
@@ -598,6 +601,16 @@ def _metric(version: ModelVersion, metric: str) -> Optional[float]:
     return None if math.isnan(value) else value
 
 
+# DVC names the experiment in the environment of the stages `dvc exp run` runs.
+DVC_EXPERIMENT_ENV = "DVC_EXP_NAME"
+EXPERIMENT_TAG = "dvc.experiment"
+
+
+def dvc_experiment() -> str:
+    """The name of the `dvc exp run` trial this process runs in; "" outside one."""
+    return os.environ.get(DVC_EXPERIMENT_ENV, "").strip()
+
+
 def promote(params: Params, name: str, metric: Optional[str] = None, min_delta: Optional[float] = None,
             *, force: bool = False) -> PromotionDecision:
     """Move `champion` to the best candidate if it beats the champion on `metric`.
@@ -615,6 +628,16 @@ def promote(params: Params, name: str, metric: Optional[str] = None, min_delta: 
     metric = metric or params.registry.metric
     min_delta = params.registry.min_delta if min_delta is None else float(min_delta)
     client = _client(params)
+    experiment = dvc_experiment()
+    if experiment and not params.registry.promote_in_experiments and not force:
+        # A trial is registered (tagged with its name) for comparison, never served.
+        with _mlflow_errors(f"promoting {name}"):
+            aliases = {k: str(v) for k, v in client.get_registered_model(name).aliases.items()}
+        return PromotionDecision(
+            name=name, action="skipped", at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            metric=metric, min_delta=min_delta, champion_version=aliases.get(CHAMPION),
+            reason=f"DVC experiment {experiment!r}: trials never move {CHAMPION} "
+                   "(set registry.promote_in_experiments: true, or pass --force)")
     with _mlflow_errors(f"promoting {name}"):
         versions = _versions(client, name)
         if not versions:
