@@ -404,12 +404,13 @@ def report(names: list[str], runs: dict, zs: dict, seeds: list[int]) -> None:
         if a is not None and b is not None:
             goal(f"{ds}: framed + face crop within 2 points of unframed", abs(a - b) * 100 <= 2, f"{100 * (a - b):+.2f}")
     # time on the archives both recipes trained on
+    # The fastest run of each: on a shared machine a run that had company is only slower.
     both = [d for d in DATASETS if runs.get(("new default", d)) and runs.get(("previous default", d))]
     if both:
-        t_new = statistics.fmean(r["train_seconds"] for d in both for r in runs[("new default", d)])
-        t_old = statistics.fmean(r["train_seconds"] for d in both for r in runs[("previous default", d)])
-        goal("training time <= 1.3 x the previous default's", t_new <= 1.3 * t_old,
-             f"{t_new / t_old:.2f}x ({', '.join(both)})")
+        t_new = min(r["train_seconds"] for d in both for r in runs[("new default", d)])
+        t_old = min(r["train_seconds"] for d in both for r in runs[("previous default", d)])
+        goal("training time <= 1.3 x the previous default's (fastest run of each)", t_new <= 1.3 * t_old,
+             f"{t_new / t_old:.2f}x, {t_new / 60:.1f} vs {t_old / 60:.1f} min ({', '.join(both)})")
 
 
 def run_ablation(base, seeds: list[int], zs: dict) -> int:
