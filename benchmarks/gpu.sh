@@ -6,7 +6,8 @@
 #
 #   FERFLOW_STANDIN=DIR FERFLOW_FER7=FILE FERFLOW_TIMM_TRAIN=FILE benchmarks/gpu.sh OUT_DIR [SECONDS]
 #
-# OUT_DIR gets: gpu.txt, speed.log, quality-setup.log, quality-jobs.log, quality-report.txt and
+# GPU_PARTS=speed or GPU_PARTS=quality runs one part; PARALLEL (default 6) is how many recipe
+# runs share the card at once. OUT_DIR gets: gpu.txt, speed.log, quality-setup.log, quality-jobs.log, quality-report.txt and
 # quality-runs.tar.gz (the run records, to read back with FERFLOW_BENCH_WORK=... --report-only).
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu.sh OUT_DIR [SECONDS]}
