@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_train import FER7, HSEMOTION_RECIPE, STANDIN, WORK, ensure_prepared, load_params_like, standin_params  # noqa: E402
 
 from ferflow import stages  # noqa: E402
+from ferflow.training.checkpoint import atomic_write_json  # noqa: E402
 from ferflow.training.trainer import recipe_hash  # noqa: E402
 
 DATASETS = ("LFW-FER", "M-LFW-FER", "M-LFW-FER-face-cut")
@@ -162,7 +163,7 @@ def run_one(base, recipe: str, overrides: list[str], train_ds: str, seed: int, e
         if data.get("recipe_hash") in (digest, legacy) and set(eval_sets) <= set(data["eval"]):
             if data["recipe_hash"] != digest:  # keep it in the portable form from now on
                 data["recipe_hash"] = digest
-                write_record(record, data)
+                atomic_write_json(record, data)
             return data
     if REPORT_ONLY:
         return None
@@ -179,19 +180,12 @@ def run_one(base, recipe: str, overrides: list[str], train_ds: str, seed: int, e
             "machine": machine, "train_seconds": train_s, "best_epoch": result.best_epoch,
             "history": [{k: h[k] for k in ("epoch", "stage", "val_accuracy", "val_macro_f1")} for h in result.history],
             "eval": {ds: {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]} for ds, m in summary.items()}}
-    write_record(record, data)
+    atomic_write_json(record, data)  # a run stopped mid-write leaves no half record
     shutil.rmtree(work / "models", ignore_errors=True)  # weights are not needed after evaluation
     print(f"  {recipe} | train {train_ds} | seed {seed}: "
           + ", ".join(f"{ds} {100 * m['accuracy']:.2f}/{100 * m['macro_f1']:.2f}" for ds, m in data["eval"].items())
           + f" | best epoch {result.best_epoch} | {train_s / 60:.1f} min", flush=True)
     return data
-
-
-def write_record(record: Path, data: dict) -> None:
-    record.parent.mkdir(parents=True, exist_ok=True)
-    partial = record.with_suffix(".partial")  # a run stopped mid-write leaves no half record
-    partial.write_text(json.dumps(data, indent=1))
-    partial.replace(record)
 
 
 def zero_shot(base, eval_sets=DATASETS) -> dict:
@@ -203,8 +197,7 @@ def zero_shot(base, eval_sets=DATASETS) -> dict:
     p = load_params_like(base, [f"evaluate.out_dir={OUT / 'work' / 'zero-shot'}"])
     summary = stages.zero_shot(p, MODEL, list(eval_sets))
     data = {ds: {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]} for ds, m in summary.items()}
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(data, indent=1))
+    atomic_write_json(record, data)
     return data
 
 

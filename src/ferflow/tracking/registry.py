@@ -466,8 +466,9 @@ def _version_tags(params: Params, info: dict, dataset: str, run_dir: Path, run, 
     })
     tags.update(evaluation.tags)
     tags.update({k: _number_text(v) for k, v in evaluation.metrics.items()})
-    if dvc_experiment():
-        tags[EXPERIMENT_TAG] = dvc_experiment()[:MAX_TAG_VALUE]
+    experiment = dvc_experiment()
+    if experiment:
+        tags[EXPERIMENT_TAG] = experiment[:MAX_TAG_VALUE]
     if tags.get("eval.manifest_sha256", "unknown") == "unknown":
         raise FerflowError(
             f"{params.data.prepared_dir / dataset / 'report.json'}: no manifest_sha256 to identify the evaluation "
@@ -606,6 +607,11 @@ DVC_EXPERIMENT_ENV = "DVC_EXP_NAME"
 EXPERIMENT_TAG = "dvc.experiment"
 
 
+def _aliases(client: MlflowClient, name: str) -> dict[str, str]:
+    """alias -> version number, as text (MLflow gives ints in some entities, strings in others)."""
+    return {k: str(v) for k, v in client.get_registered_model(name).aliases.items()}
+
+
 def dvc_experiment() -> str:
     """The name of the `dvc exp run` trial this process runs in; "" outside one."""
     return os.environ.get(DVC_EXPERIMENT_ENV, "").strip()
@@ -632,7 +638,7 @@ def promote(params: Params, name: str, metric: Optional[str] = None, min_delta: 
     if experiment and not params.registry.promote_in_experiments and not force:
         # A trial is registered (tagged with its name) for comparison, never served.
         with _mlflow_errors(f"promoting {name}"):
-            aliases = {k: str(v) for k, v in client.get_registered_model(name).aliases.items()}
+            aliases = _aliases(client, name)
         return PromotionDecision(
             name=name, action="skipped", at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             metric=metric, min_delta=min_delta, champion_version=aliases.get(CHAMPION),
@@ -643,7 +649,7 @@ def promote(params: Params, name: str, metric: Optional[str] = None, min_delta: 
         if not versions:
             raise FerflowError(f"no registered model {name!r} (or no versions) at {mlflow.get_registry_uri()}; "
                                "run `ferflow register` first")
-        aliases = {k: str(v) for k, v in client.get_registered_model(name).aliases.items()}
+        aliases = _aliases(client, name)
         # Versions are ints in some MLflow entities and strings in aliases: compare as text.
         by_number = {str(v.version): v for v in versions}
         champion = by_number.get(aliases.get(CHAMPION, ""))

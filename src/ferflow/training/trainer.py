@@ -61,9 +61,9 @@ class TrainResult:
     resumed_from_epoch: int = 0
 
 
-# Keys of `train` that change how fast a run goes but not what it computes.
-# train keys that never change what a run computes: left out of the recipe hash (a resume
-# continues across them) and of the train stage's `params:` in dvc.yaml (a test holds them equal).
+# Keys of `train` that change how fast a run goes but not what it computes: left out of the
+# recipe hash (a resume continues across them) and of the train stage's `params:` in dvc.yaml
+# (a test holds the two equal).
 NOT_RECIPE_KEYS = ("out_dir", "workers", "threads", "datasets", "models", "cpu_keep_freed_memory")
 
 
