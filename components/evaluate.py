@@ -11,19 +11,21 @@ def evaluate(
     config: Input[Artifact],
     dataset: str,
     model_name: str,
-    run_id: str,
-    prepared: Input[Dataset],
+    raw: Input[Dataset],
     model: Input[Model],
     evaluation: Output[Artifact],
     metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
 ):
-    """Evaluation files into `evaluation` (logged to the training's MLflow run too), the
-    cross-dataset accuracies into `metrics`, the in-domain confusion matrix into `confusion`."""
+    """Prepare the eval datasets at the model's size from the fetched archives, evaluate:
+    files into `evaluation` (logged to the training's MLflow run too), the cross-dataset
+    accuracies into `metrics`, the in-domain confusion matrix into `confusion`."""
     from ferflow import stages
+    from ferflow.evaluation.evaluate import eval_datasets_for
     from ferflow.pipeline import glue
 
-    with glue.workspace(config.path, run_id=run_id, inputs={"prepared": prepared.path, "models": model.path},
+    with glue.workspace(config.path, inputs={"raw": raw.path, "models": model.path},
                         outputs={"evaluation": evaluation.path}) as params:
+        glue.prepare_at(params, eval_datasets_for(params, dataset), model_name)
         summary = stages.evaluate(params, dataset, model_name)
         glue.log_evaluation(metrics, confusion, params, dataset, model_name, summary)

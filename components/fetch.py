@@ -22,9 +22,8 @@ def fetch(
     raw: Output[Dataset],
 ):
     """Resolve the params every later task uses (the `config` artifact) and fetch every
-    archive into `raw`; archives pinned in dvc.lock come from the DVC remote by md5."""
-    from ferflow import stages
-    from ferflow.data.dvc_remote import check_pins, fetch_pinned
+    archive into `raw`; archives pinned in dvc.lock come from the DVC remote by md5. Cached:
+    the inputs pin each archive by sha256, so a verified download is the same content."""
     from ferflow.pipeline import glue
 
     resolved = glue.resolve_config(
@@ -33,8 +32,5 @@ def fetch(
     )
     glue.publish_config(config, resolved)
     with glue.workspace(config.path, dvc_lock=dvc_lock, outputs={"raw": raw.path}) as params:
-        specs, raw_dir = params.data.specs, params.data.raw_dir
-        pinned = fetch_pinned(specs, dvc_lock, dvc_remote, raw_dir, params.fetch)
-        stages.fetch(params)
-        check_pins(specs, dvc_lock, raw_dir)
+        pinned = glue.fetch_archives(params, params.data.archives, dvc_lock, dvc_remote)
         glue.describe_raw(raw, params, pinned)

@@ -19,7 +19,8 @@ def register(
     registered: Output[Model],
 ) -> str:
     """Register the trained model with its evaluation and lineage; returns and records
-    (in `registered`'s metadata) the version's `models:/<name>/<version>` URI."""
+    (in `registered`'s metadata) the version's `models:/<name>/<version>` URI. Never cached,
+    so the run id (an input here only) tags every version with the run that registered it."""
     from ferflow import stages
     from ferflow.pipeline import glue
 

@@ -12,14 +12,15 @@ from ferflow.pipeline import IMAGE
 def report(
     config: Input[Artifact],
     evaluations: Input[List[Artifact]],
+    zero_shots: Input[List[Artifact]],
     results: Output[Markdown],
     table: Output[Dataset],
 ):
-    """Every evaluation of the run, gathered: the Markdown table (shown in the KFP UI)
-    and the long CSV."""
+    """Every evaluation of the run and the zero-shot rows, gathered: the Markdown table
+    (shown in the KFP UI) and the long CSV."""
     from ferflow import stages
     from ferflow.pipeline import glue
 
-    with glue.workspace(config.path, inputs={"evaluation": [e.path for e in evaluations]}) as params:
+    with glue.workspace(config.path, inputs={"evaluation": [e.path for e in [*zero_shots, *evaluations]]}) as params:
         _results, paths = stages.report(params)
         glue.publish_report(results, table, paths)

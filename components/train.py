@@ -1,7 +1,7 @@
 """KFP component: fine-tune one model on one dataset (`ferflow.stages.train`)."""
 
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import Artifact, Input, Metrics, Model, Output
 
 from ferflow.pipeline import IMAGE
 
@@ -11,19 +11,24 @@ def train(
     config: Input[Artifact],
     dataset: str,
     model_name: str,
-    run_id: str,
     dvc_lock: dict,
-    prepared: Input[Dataset],
+    dvc_remote: str,
+    gpus: int,
     model: Output[Model],
+    reports: Output[Artifact],
     metrics: Output[Metrics],
 ):
-    """The run directory (weights, run.json, history, MLflow run id) becomes `model`;
-    the best validation metrics become `metrics`."""
-    from ferflow import stages
-    from ferflow.pipeline import glue
+    """Fetch and prepare only this dataset at this model's size, then train: in-process, or
+    under torchrun with one process per GPU when `gpus` > 1. The run directory (weights,
+    run.json, history, MLflow run id) becomes `model`, the prepare reports `reports`."""
+    from pathlib import Path
 
-    with glue.workspace(config.path, run_id=run_id, dvc_lock=dvc_lock, inputs={"prepared": prepared.path},
-                        outputs={"models": model.path}) as params:
-        result = stages.train(params, dataset, model_name)
+    from ferflow.pipeline import distributed, glue
+
+    with glue.workspace(config.path, dvc_lock=dvc_lock, outputs={"models": model.path}) as params:
+        glue.fetch_archives(params, params.data.members(dataset), dvc_lock, dvc_remote)
+        glue.prepare_at(params, [dataset], model_name)
+        result = distributed.launch_train(params, Path(glue.PARAMS_FILE).resolve(), dataset, model_name, gpus)
         glue.publish_model(model, result.run_dir)
+        glue.publish_reports(reports, params, [dataset])
     glue.log_metrics(metrics, result.best_metrics)

@@ -1,25 +1,31 @@
-"""The ferflow pipeline for Kubeflow Pipelines (KFP v2).
+"""The ferflow pipeline for Kubeflow Pipelines (KFP v2), the same graph as dvc.yaml.
 
-    fetch -> prepare -> for each (dataset, model) in `matrix`:
-                            train -> evaluate -> register -> promote
-          -> report (every evaluation, gathered with dsl.Collected)
+    fetch -> for each (dataset, model) in `matrix`:  train -> evaluate -> register
+          -> for each model in `models`:             zero-shot
+          -> promote (once per dataset, after every registration)
+          -> report (every evaluation and zero-shot row, gathered with dsl.Collected)
 
-Every component calls the same `ferflow.stages` function as the CLI and dvc.yaml. The
+dvc.yaml's prepare stages happen inside train, evaluate and zero-shot: each task decodes
+only its datasets at its own model's size from the verified archives (train downloads just
+its own; evaluate and zero-shot read fetch's `raw`), so no artifact carries gigabytes of
+decoded images to every pod (benchmarks/bench_pipeline.py counts the bytes).
+
+Every component calls the same `ferflow.stages` functions as the CLI and dvc.yaml. The
 parameters mirror params.yaml (base params, archives, datasets, models, experiment,
 registered model names, `key=value` overrides); `matrix` is datasets x models, flattened
 because kfp.local iterates only over pipeline parameters and mishandles nested loops.
-prepare runs once for all archives: every model is evaluated on every dataset, and KFP 2.17
-cannot pass a dsl.Collected fan-in into a ParallelFor (compiler TypeError).
+
+Caching: fetch, train, evaluate, zero-shot and report are cached. Their inputs are the
+params and the archives' sha256 (content-addressed), never a run-unique value, so a
+resubmission of the same params and data hits the cache from fetch on. The KFP run id
+reaches MLflow from the pod's `pipeline/runid` label (an env from the Downward API, not an
+input) and as an input of register, which is never cached, as promote is not.
 
 Cluster settings (GPU, tolerations, node selector, /dev/shm, secrets as env, retries,
-caching, timeouts) sit next to the task they apply to; kfp.local ignores them and the
-compiled YAML carries them (kfp-kubernetes ones in its second document).
-
-The KFP run id reaches MLflow through the tasks' `run_id` input, set to
-dsl.PIPELINE_JOB_ID_PLACEHOLDER (the components export it as KFP_RUN_ID): KFP resolves
-placeholders in task inputs (backend >= 2.4 and kfp.local), while an env value from
-set_env_variable is passed verbatim (checked with kfp.local). The `image` parameter
-(set_container_image) also needs a KFP backend >= 2.4.
+timeouts, CPU / memory requests, a work volume sized from the data) sit next to the task
+they apply to; kfp.local ignores them and the compiled YAML carries them (kfp-kubernetes
+ones in its second document). The `image` parameter (set_container_image) needs a KFP
+backend >= 2.4.
 
 Compile: `ferflow pipeline compile` or `python pipelines/ferflow_pipeline.py [OUT]`.
 """
@@ -35,23 +41,32 @@ from kfp import dsl, kubernetes  # noqa: E402
 
 from components.evaluate import evaluate  # noqa: E402
 from components.fetch import fetch  # noqa: E402
-from components.prepare import prepare  # noqa: E402
 from components.promote import promote  # noqa: E402
 from components.register import register  # noqa: E402
 from components.report import report  # noqa: E402
 from components.train import train  # noqa: E402
+from components.zero_shot import zero_shot  # noqa: E402
+from ferflow.config import validate  # noqa: E402
+from ferflow.cpus import CPUS_ENV  # noqa: E402
+from ferflow.pipeline import MLFLOW_OPTIONAL, MLFLOW_REQUIRED, S3_KEYS, sizing  # noqa: E402
+from ferflow.pipeline.glue import RUN_ID_ENV, RUN_ID_FIELD, WORK_DIR_ENV, resolve_config  # noqa: E402
 from ferflow.pipeline.spec import CompileOptions, PipelineDefaults  # noqa: E402
 
-# Secret keys are the variable names. Only the tracking URI is required: username/password
-# or a token depend on the server, and S3 credentials only on where data and artifacts live
-# (an MLflow server with --serve-artifacts and public archive URIs need none).
-MLFLOW_REQUIRED = ("MLFLOW_TRACKING_URI",)
-MLFLOW_OPTIONAL = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
-S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")
+
+
+# register, promote and report move megabytes and call MLflow: small, fixed requests.
+SMALL_CPU, SMALL_CPU_LIMIT, SMALL_MEMORY, SMALL_MEMORY_LIMIT = "1", "2", "2Gi", "4Gi"
+WORK_DIR = "/ferflow-work"  # each task's work volume: archives, image caches, outputs
 
 
 def build(options: CompileOptions, defaults: PipelineDefaults):
     """The pipeline function for these options, its parameters defaulting to `defaults`."""
+    import yaml
+
+    # The defaults size the disks (a run with other archives or models can override them).
+    sized = validate(yaml.safe_load(resolve_config(
+        defaults.base_params, archives=defaults.archives, datasets=defaults.datasets, models=defaults.models,
+    )), origin="pipeline defaults")
 
     def mlflow_env(task):
         if options.mlflow_secret:
@@ -62,10 +77,29 @@ def build(options: CompileOptions, defaults: PipelineDefaults):
         if options.s3_secret:
             kubernetes.use_secret_as_env(task, options.s3_secret, {k: k for k in S3_KEYS}, optional=True)
 
+    def resources(task, kind: str, cpu: str, cpu_limit: str, memory: str, memory_limit: str):
+        """Requests and limits, the decode processes from the CPU request (FERFLOW_CPUS),
+        and a generic ephemeral volume for the work files sized from the data."""
+        task.set_cpu_request(cpu).set_cpu_limit(cpu_limit).set_memory_request(memory).set_memory_limit(memory_limit)
+        task.set_env_variable(CPUS_ENV, cpu)
+        task.set_env_variable(WORK_DIR_ENV, WORK_DIR)
+        kubernetes.add_ephemeral_volume(
+            task, volume_name="work", mount_path=WORK_DIR, access_modes=["ReadWriteOnce"],
+            size=sizing.disk_request(sized, kind), storage_class_name=options.work_storage_class or None,
+        )
+        kubernetes.set_timeout(task, options.train_timeout_s if kind == "train" else options.task_timeout_s)
+
+    def data_task(task, kind: str):
+        resources(task, kind, options.task_cpu_request, options.task_cpu_limit, options.task_memory_request,
+                  options.task_memory_limit)
+
+    def small_task(task, kind: str):
+        resources(task, kind, SMALL_CPU, SMALL_CPU_LIMIT, SMALL_MEMORY, SMALL_MEMORY_LIMIT)
+
     @dsl.pipeline(
         name="ferflow",
-        description="Facial-expression recognition under face masks: fetch, prepare, fine-tune, "
-                    "evaluate, register and promote every (dataset, model), then the results table.",
+        description="Facial-expression recognition under face masks: fetch, fine-tune, evaluate and register "
+                    "every (dataset, model), zero-shot baselines, promote per dataset, then the results table.",
     )
     def ferflow(
         base_params: str = defaults.base_params,
@@ -86,67 +120,66 @@ def build(options: CompileOptions, defaults: PipelineDefaults):
             dvc_lock=dvc_lock, dvc_remote=dvc_remote,
         )
         fetched.set_container_image(image)
-        fetched.set_caching_options(False)  # sources may change behind a URI; fetch re-verifies
         fetched.set_retry(num_retries=options.fetch_retries, backoff_duration=options.fetch_backoff,
                           backoff_factor=options.fetch_backoff_factor)
+        data_task(fetched, "fetch")
         s3_env(fetched)  # s3:// archives and the DVC remote
-        kubernetes.set_timeout(fetched, options.task_timeout_s)
-        config = fetched.outputs["config"]
+        config, raw = fetched.outputs["config"], fetched.outputs["raw"]
 
-        prepared = prepare(config=config, raw=fetched.outputs["raw"])
-        prepared.set_container_image(image)
-        kubernetes.set_timeout(prepared, options.task_timeout_s)
-
-        with dsl.ParallelFor(matrix, parallelism=options.parallelism, name="dataset-model") as pair:
-            trained = train(
-                config=config, dataset=pair.dataset, model_name=pair.model,
-                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, dvc_lock=dvc_lock, prepared=prepared.outputs["prepared"],
-            )
+        with dsl.ParallelFor(matrix, parallelism=options.concurrent_trainings, name="dataset-model") as pair:
+            trained = train(config=config, dataset=pair.dataset, model_name=pair.model, dvc_lock=dvc_lock,
+                            dvc_remote=dvc_remote, gpus=options.gpus)
             trained.set_container_image(image)
             if options.gpus:
                 trained.set_accelerator_type(options.accelerator)
                 trained.set_accelerator_limit(options.gpus)
                 # GPU nodes are usually tainted so that only GPU work lands there.
                 kubernetes.add_toleration(trained, key=options.accelerator, operator="Exists", effect="NoSchedule")
-            trained.set_cpu_request(options.train_cpu_request).set_cpu_limit(options.train_cpu_limit)
-            trained.set_memory_request(options.train_memory_request).set_memory_limit(options.train_memory_limit)
+            resources(trained, "train", options.train_cpu_request, options.train_cpu_limit,
+                      options.train_memory_request, options.train_memory_limit)
             for label, value in options.node_selector:
                 kubernetes.add_node_selector(trained, label_key=label, label_value=value)
             kubernetes.empty_dir_mount(trained, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                        size_limit=options.shm_size)
+            kubernetes.use_field_path_as_env(trained, RUN_ID_ENV, RUN_ID_FIELD)
             mlflow_env(trained)
-            s3_env(trained)  # pretrained weights on s3://, MLflow artifacts stored on S3 directly
-            kubernetes.set_timeout(trained, options.train_timeout_s)
+            s3_env(trained)  # its archives, pretrained weights on s3://, MLflow artifacts on S3
 
-            evaluated = evaluate(
-                config=config, dataset=pair.dataset, model_name=pair.model, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                prepared=prepared.outputs["prepared"], model=trained.outputs["model"],
-            )
+            evaluated = evaluate(config=config, dataset=pair.dataset, model_name=pair.model, raw=raw,
+                                 model=trained.outputs["model"])
             evaluated.set_container_image(image)
+            data_task(evaluated, "evaluate")
+            kubernetes.use_field_path_as_env(evaluated, RUN_ID_ENV, RUN_ID_FIELD)
             mlflow_env(evaluated)
             s3_env(evaluated)
-            kubernetes.set_timeout(evaluated, options.task_timeout_s)
 
             registered = register(
                 config=config, dataset=pair.dataset, model_name=pair.model, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                dvc_lock=dvc_lock, reports=prepared.outputs["reports"], model=trained.outputs["model"],
+                dvc_lock=dvc_lock, reports=trained.outputs["reports"], model=trained.outputs["model"],
                 evaluation=evaluated.outputs["evaluation"],
             )
             registered.set_container_image(image)
             registered.set_caching_options(False)  # a cached result would skip the registry write
+            small_task(registered, "register")
             mlflow_env(registered)
             s3_env(registered)
-            kubernetes.set_timeout(registered, options.task_timeout_s)
 
-            promoted = promote(config=config, dataset=pair.dataset).after(registered)
-            promoted.set_container_image(image)
-            promoted.set_caching_options(False)  # the decision depends on the registry's state now
-            mlflow_env(promoted)
-            kubernetes.set_timeout(promoted, options.task_timeout_s)
+        with dsl.ParallelFor(models, name="zero-shot-model") as model_name:
+            baseline = zero_shot(config=config, model_name=model_name, raw=raw)
+            baseline.set_container_image(image)
+            data_task(baseline, "zero-shot")
+            s3_env(baseline)  # pretrained weights on s3://
 
-        reported = report(config=config, evaluations=dsl.Collected(evaluated.outputs["evaluation"]))
+        promoted = promote(config=config, registered=dsl.Collected(registered.outputs["registered"]))
+        promoted.set_container_image(image)
+        promoted.set_caching_options(False)  # the decision depends on the registry's state now
+        small_task(promoted, "promote")
+        mlflow_env(promoted)
+
+        reported = report(config=config, evaluations=dsl.Collected(evaluated.outputs["evaluation"]),
+                          zero_shots=dsl.Collected(baseline.outputs["evaluation"]))
         reported.set_container_image(image)
-        kubernetes.set_timeout(reported, options.task_timeout_s)
+        small_task(reported, "report")
 
     return ferflow
 

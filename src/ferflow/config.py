@@ -38,6 +38,7 @@ class ArchiveSource(_Frozen):
     uri: str = Field(description="https://, Google Drive link, s3://bucket/key, file:// or a path")
     sha256: str = Field(description="expected sha256 of the archive, 64 hex digits")
     size: Optional[int] = Field(default=None, ge=0, description="expected size in bytes")
+    images: Optional[int] = Field(default=None, ge=0, description="images it holds: sizes the pipeline's disks")
 
     @field_validator("sha256")
     @classmethod
@@ -158,7 +159,7 @@ class PrepareSettings(_Frozen):
     max_uncompressed_bytes: int = Field(default=4 << 30, gt=0, description="zip-bomb cap per archive")
     max_bad_fraction: float = Field(default=0.01, ge=0, le=1)
     allow_duplicates_across_splits: bool = False
-    workers: int = Field(default=0, ge=0, le=64, description="decode processes; 0 = one per CPU")
+    workers: int = Field(default=0, ge=0, le=64, description="decode processes; 0 = one per available CPU (FERFLOW_CPUS, else affinity)")
     split: SplitSettings = SplitSettings()
 
     @field_validator("image_sizes")

@@ -1,6 +1,10 @@
 """The whole pipeline under kfp.local (SubprocessRunner, this venv) on tiny demo archives:
 it ends with a registered, promoted model in a local MLflow store and the KFP artifacts
-the UI would show (metrics, confusion matrix, Markdown table, model metadata)."""
+the UI would show (metrics, confusion matrix, Markdown table, model metadata). It runs
+twice with the same inputs: the cached tasks' outputs are the same, the second version is
+registered and refused by the gate (no better than the champion)."""
+
+import hashlib
 
 import json
 from pathlib import Path
@@ -32,19 +36,22 @@ def local_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("kfp-local")
     demo = load_params(REPO / "params.yaml", ["demo.images_per_class=20", "demo.image_size=48"])
     archives = stages.demo_data(demo, out_dir=tmp / "archives")
+    roots = []
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp)  # tasks start here: nothing lands in the checkout
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
         mp.delenv("KFP_RUN_ID", raising=False)
-        kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp / "kfp"))
         pipeline = load_builder(REPO)(CompileOptions(), PipelineDefaults.from_checkout(REPO))
-        pipeline(
-            archives={a.name: {"uri": str(a.path), "sha256": a.sha256, "size": a.size} for a in archives},
-            datasets=[DATASET], models=[MODEL], matrix=glue.matrix([DATASET], [MODEL]),
-            overrides=OVERRIDES, experiment="kfp-local", dvc_lock={}, dvc_remote="",
-        )
-    (run_root,) = (tmp / "kfp").iterdir()
-    return tmp, run_root
+        for attempt in ("first", "second"):
+            kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp / attempt))
+            pipeline(
+                archives={a.name: {"uri": str(a.path), "sha256": a.sha256, "size": a.size} for a in archives},
+                datasets=[DATASET], models=[MODEL], matrix=glue.matrix([DATASET], [MODEL]),
+                overrides=OVERRIDES, experiment="kfp-local", dvc_lock={}, dvc_remote="",
+            )
+            (run_root,) = (tmp / attempt).iterdir()
+            roots.append(run_root)
+    return tmp, roots[0], roots[1]
 
 
 def _outputs(run_root: Path, task: str) -> dict:
@@ -59,19 +66,62 @@ def _artifact(outputs: dict, name: str) -> dict:
 def test_model_is_registered_and_promoted_with_the_kfp_run_id(local_run):
     from mlflow import MlflowClient
 
-    tmp, _ = local_run
+    tmp, first, second = local_run
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db", registry_uri=f"sqlite:///{tmp}/mlflow.db")
     champion = client.get_model_version_by_alias("ferflow-lfw-fer", "champion")
     assert str(champion.version) == "1" and champion.tags["promotion.decision"] == "promoted"
+    # The run id reaches register as an input (the placeholder resolved); cached tasks
+    # never see it (on a cluster they read the pod label, which kfp.local does not have).
+    run_ids = [champion.tags["kfp.run_id"], client.get_model_version("ferflow-lfw-fer", "2").tags["kfp.run_id"]]
+    assert all(r not in ("none", "") and "{{" not in r for r in run_ids) and run_ids[0] != run_ids[1]
     run = client.get_run(champion.run_id)
-    run_id = run.data.tags["kfp.run_id"]  # the placeholder resolved, passed on as KFP_RUN_ID
-    assert run_id not in ("none", "") and "{{" not in run_id
-    assert champion.tags["kfp.run_id"] == run_id
     assert run.data.metrics["eval_M-LFW-FER_accuracy"] >= 0  # evaluated across datasets
+    (decision,) = json.loads(_outputs(second, "promote")["parameterValues"]["Output"])
+    assert decision["action"] == "refused" and decision["champion_after"] == "1"  # equal, not better
+
+
+def _digest(uri: str) -> str:
+    """sha256 over a file or a folder's files (relative path + content)."""
+    path, digest = Path(uri), hashlib.sha256()
+    for file in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
+        if file.name in ("mlflow_run.json", "run.json", "history.json", "history.csv", "train_metrics.json") or \
+                file.name.endswith(".verified"):
+            continue  # MLflow run ids, timings and file times (verify stamps) differ between runs by nature
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        digest.update(_content(file))
+    return digest.hexdigest()
+
+
+def _content(file: Path) -> bytes:
+    """File bytes; for safetensors the tensors and sorted metadata (the header's key order
+    follows a hash map's, which differs between processes)."""
+    if file.suffix != ".safetensors":
+        return file.read_bytes()
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as handle:
+        parts = [json.dumps(handle.metadata(), sort_keys=True).encode()]
+        for key in sorted(handle.keys()):
+            parts += [key.encode(), handle.get_tensor(key).numpy().tobytes()]
+    return b"".join(parts)
+
+
+def test_the_same_inputs_give_the_same_outputs(local_run):
+    """What KFP's cache would serve on a resubmission is what a rerun computes: the cached
+    tasks' output artifacts have the same content (weights included) in both runs."""
+    _, first, second = local_run
+    outputs = {"fetch": ("config", "raw"), "train": ("model", "reports"), "evaluate": ("evaluation",),
+               "zero-shot": ("evaluation",), "report": ("table",)}
+    for task, names in outputs.items():
+        for name in names:
+            a, b = (_artifact(_outputs(root, task), name) for root in (first, second))
+            assert _digest(a["uri"]) == _digest(b["uri"]), (task, name)
+    metrics = [_artifact(_outputs(root, "evaluate"), "metrics")["metadata"] for root in (first, second)]
+    assert metrics[0] == metrics[1]
 
 
 def test_kfp_artifacts_for_the_ui(local_run):
-    _, run_root = local_run
+    _, run_root, _ = local_run
     fetched = _outputs(run_root, "fetch")
     config = yaml.safe_load(Path(_artifact(fetched, "config")["uri"]).read_text())
     assert config["train"]["full_stage"]["epochs"] == 1 and config["tracking"]["experiment"] == "kfp-local"
@@ -95,8 +145,13 @@ def test_kfp_artifacts_for_the_ui(local_run):
     register = _outputs(run_root, "register")
     assert register["parameterValues"]["Output"] == "models:/ferflow-lfw-fer/1"
     assert _artifact(register, "registered")["metadata"]["mlflow_model_uri"] == "models:/ferflow-lfw-fer/1"
-    decision = json.loads(_outputs(run_root, "promote")["parameterValues"]["Output"])
+    (decision,) = json.loads(_outputs(run_root, "promote")["parameterValues"]["Output"])
     assert decision["action"] == "promoted" and decision["champion_after"] == "1"
+    reports = _artifact(train, "reports")
+    assert (Path(reports["uri"]) / DATASET / "report.json").is_file() and reports["metadata"]["manifest_sha256"]
+
+    baseline = _outputs(run_root, "zero-shot")  # demo_tiny has no pretrained head: recorded, not failed
+    assert (Path(_artifact(baseline, "evaluation")["uri"]) / "zero-shot" / "none" / f"{MODEL}.json").is_file()
 
     report = _outputs(run_root, "report")
     markdown = Path(_artifact(report, "results")["uri"]).read_text()

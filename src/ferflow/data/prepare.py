@@ -36,6 +36,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ferflow.config import ArchiveSpec, FetchSettings, PrepareSettings
+from ferflow.cpus import available_cpus
 from ferflow.data import cache as cache_files
 from ferflow.data.archive import ArchiveListing, inspect_archive, open_zip, read_member
 from ferflow.data.faces import FaceCrop, FaceDetector, crop_box, detector_weights, read_weights_container
@@ -153,7 +154,7 @@ def _worker_decode(path: str, sizes: list[int]) -> Decoded | str:
 def _decode_all(listing: ArchiveListing, paths: list[str], sizes: list[int], workers: int,
                 cropping: _Cropping) -> Iterator[Decoded | str]:
     """Decoded images (or the reason they failed) in input order, over `workers` processes."""
-    workers = workers or os.cpu_count() or 1
+    workers = workers or available_cpus()
     if workers == 1 or len(paths) < 64:
         with open_zip(listing.path) as zf:
             crop, detector = cropping.crop, cropping.detector()

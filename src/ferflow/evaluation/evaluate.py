@@ -77,9 +77,7 @@ def evaluate_run(params: Params, dataset: str, model_name: str, eval_datasets: O
     size = info["input_size"]
     out_root = params.evaluate.out_dir / "fine-tuned" / dataset / model_name
     meta = {"model": model_name, "train_dataset": dataset, "stage": "fine-tuned", "input_size": size}
-    if eval_datasets is None and dataset in params.data.unions:
-        # A union's own eval split (all members' eval images) is its in-domain result.
-        eval_datasets = [*params.data.archives, dataset]
+    eval_datasets = eval_datasets_for(params, dataset) if eval_datasets is None else eval_datasets
     baseline = _zero_shot_predictor(params, model_name, device, expected_sha256=info.get("weights_sha256"))
     summary = _evaluate_each(params, out_root, eval_datasets, size, meta,
                              lambda split: predict(model, entry, split, params.evaluate.batch_size, device),
@@ -90,13 +88,20 @@ def evaluate_run(params: Params, dataset: str, model_name: str, eval_datasets: O
     return summary
 
 
+def eval_datasets_for(params: Params, dataset: Optional[str] = None) -> list[str]:
+    """Every archive's eval split; a union's own (all members' eval images) is added for a
+    model trained on that union: its in-domain result."""
+    names = list(params.data.archives)
+    return [*names, dataset] if dataset in params.data.unions else names
+
+
 def _evaluate_each(params: Params, out_root: Path, eval_datasets: Optional[Iterable[str]], size: int,
                    meta: dict, probs_for, baseline=None) -> dict:
     """Probabilities from `probs_for(split)` on each dataset's eval split, written as
     evaluation files under `out_root/<dataset>/`, plus the summary beside `out_root`;
     with `baseline` (a zero-shot `probs_for`), its accuracy and macro-F1 on the same split."""
     summary = {}
-    for eval_ds in eval_datasets or list(params.data.archives):
+    for eval_ds in eval_datasets or eval_datasets_for(params):
         data_dir = params.data.prepared_dir / eval_ds
         split = CachedSplit(data_dir, params.evaluate.split, size)
         probs = probs_for(split)
@@ -171,6 +176,6 @@ def evaluate_zero_shot(params: Params, model_name: str, eval_datasets: Optional[
         ckpt.atomic_write_json(summary_path(out_root), {"skipped": why_not})
         out_root.mkdir(parents=True, exist_ok=True)
         return {}
-    size = params.require_train().input_size or entry.input_size
+    size = zoo.input_size(model_name, params.require_train().input_size)
     meta = {"model": model_name, "train_dataset": "none", "stage": "zero-shot", "surprise": params.evaluate.surprise}
     return _evaluate_each(params, out_root, eval_datasets, size, meta, probs_for)

@@ -93,6 +93,11 @@ def resolve(name: str) -> ZooEntry:
     raise FerflowError(f"unknown model {name!r}; known: {', '.join(ZOO)}, or timm:<arch> for any timm architecture")
 
 
+def input_size(name: str, override: int | None = None) -> int:
+    """The side a model trains and is evaluated at: train.input_size when set, else the zoo's."""
+    return int(override or resolve(name).input_size)
+
+
 # ------------------------------------------------------------------------------ building
 
 

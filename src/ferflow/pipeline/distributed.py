@@ -36,12 +36,8 @@ import yaml
 
 from ferflow.config import Params, dump_params, load_params
 from ferflow.errors import ConfigError, FerflowError
+from ferflow.pipeline import MLFLOW_OPTIONAL, MLFLOW_REQUIRED, S3_KEYS
 
-# The same Secret keys the KFP pipeline maps (pipelines/ferflow_pipeline.py): only the
-# tracking URI is required, the rest depend on the server and where data lives.
-MLFLOW_REQUIRED = ("MLFLOW_TRACKING_URI",)
-MLFLOW_OPTIONAL = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
-S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")
 
 DEFAULT_RUNTIME = "torch-distributed"
 PARAMS_MOUNT = "/etc/ferflow"  # where the params ConfigMap is mounted in each trainer pod

@@ -10,11 +10,14 @@ describes its outputs for the KFP UI.
 Artifact layouts are the stage folders themselves, so a stage never knows it runs in KFP:
 
     config       params.yaml        the run's resolved params
-    raw          data.raw_dir       <name>.zip for every archive
-    prepared     data.prepared_dir  <dataset>/ manifest, report, caches (every dataset)
+    raw          data.raw_dir       <name>.zip for every archive (verified, content-addressed)
     reports      data.prepared_dir  <dataset>/report.json only (what lineage reads)
     model        train.out_dir      <dataset>/<model>/ best.safetensors, run.json, ...
-    evaluation   evaluate.out_dir   fine-tuned/<dataset>/<model>/...
+    evaluation   evaluate.out_dir   fine-tuned/<dataset>/<model>/... or zero-shot/none/<model>/...
+
+No artifact carries decoded images: a task prepares its datasets at its own model's size
+from the verified archives (`fetch_archives`, `prepare_at`), on its own disk. The uint8
+caches are ~10x the JPEG archives, so this moves the least (benchmarks/bench_pipeline.py).
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ from ferflow.config import Params, apply_override, dump_params, load_params, par
 from ferflow.errors import ConfigError, FerflowError
 
 RUN_ID_ENV = "KFP_RUN_ID"  # read by ferflow.tracking.lineage into the `kfp.run_id` tag
+# A pod's run id, read by Kubernetes into RUN_ID_ENV: the label the KFP backend puts on
+# every pod, so cached tasks need no run-unique input.
+RUN_ID_FIELD = "metadata.labels['pipeline/runid']"
+WORK_DIR_ENV = "FERFLOW_WORK_DIR"  # the task's work volume, when it has one
 PARAMS_FILE = "params.yaml"
 DVC_LOCK = "dvc.lock"  # lineage reads ./dvc.lock: the pinned archive md5s reach the MLflow tags
 WEIGHTS, RUN_JSON, RESUME_STATE, MLFLOW_RUN = "best.safetensors", "run.json", "last.pt", "mlflow_run.json"
@@ -162,7 +169,8 @@ def workspace(
     # Task logs are what a KFP user reads; the stages report progress through logging.
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     launch = Path.cwd()
-    root = Path(tempfile.mkdtemp(prefix="ferflow-task-"))
+    work = os.environ.get(WORK_DIR_ENV, "").strip()
+    root = Path(tempfile.mkdtemp(prefix="ferflow-task-", dir=work if work and Path(work).is_dir() else None))
     saved_run_id = os.environ.get(RUN_ID_ENV)
     try:
         tree = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
@@ -224,6 +232,33 @@ def _assemble(source: PathInput, dest: Path) -> None:
         (dest / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
 
 
+def fetch_archives(params: Params, names: Iterable[str], dvc_lock: Optional[Mapping] = None,
+                   dvc_remote: str = "") -> list[str]:
+    """Download and verify these archives into data.raw_dir: those pinned in dvc.lock from
+    the DVC remote by md5, the rest from their params URI; returns the pinned names."""
+    from ferflow import stages
+    from ferflow.data.dvc_remote import check_pins, fetch_pinned
+
+    names = list(names)
+    specs = [params.data.archive(n) for n in names]
+    pinned = fetch_pinned(specs, dvc_lock or {}, dvc_remote, params.data.raw_dir, params.fetch)
+    stages.fetch(params, names)
+    check_pins(specs, dvc_lock or {}, params.data.raw_dir)
+    return pinned
+
+
+def prepare_at(params: Params, datasets: Iterable[str], model: str) -> int:
+    """Prepare these datasets from data.raw_dir at `model`'s input size only (what this
+    task reads), with one decode process per CPU the task requested; returns the size."""
+    from ferflow import stages
+    from ferflow.models import zoo
+
+    size = zoo.input_size(model, params.require_train().input_size)
+    prepare = params.prepare.model_copy(update={"image_sizes": [size]})
+    stages.prepare(params.model_copy(update={"prepare": prepare}), list(datasets))
+    return size
+
+
 def run_dir(params: Params, dataset: str, model: str) -> Path:
     """Where the train stage puts (and register reads) a run directory."""
     from ferflow.training.trainer import run_dir_for
@@ -241,20 +276,18 @@ def describe_raw(artifact, params: Params, pinned: Iterable[str]) -> None:
     }
 
 
-def publish_reports(prepared, reports, params: Params, datasets: Iterable[str]) -> None:
-    """The prepare reports as an artifact of their own: register needs the manifest
-    digests for lineage, not gigabytes of image caches."""
-    counts = {}
+def publish_reports(reports, params: Params, datasets: Iterable[str]) -> None:
+    """The prepare reports of a training's data: register needs the manifest digests for
+    lineage, not the image caches."""
+    counts, digests = {}, {}
     for name in datasets:
         src = params.data.prepared_dir / name / "report.json"
         dest = Path(reports.path) / name / "report.json"
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dest)
-        counts[name] = json.loads(src.read_text(encoding="utf-8")).get("n_images")
-    for artifact in (prepared, reports):
-        artifact.metadata["datasets"] = list(counts)
-        artifact.metadata["images"] = counts
-        artifact.metadata["image_sizes"] = list(params.prepare.image_sizes)
+        report = json.loads(src.read_text(encoding="utf-8"))
+        counts[name], digests[name] = report.get("n_images"), report.get("manifest_sha256")
+    reports.metadata.update({"datasets": list(counts), "images": counts, "manifest_sha256": digests})
 
 
 def publish_model(artifact, run_dir: Path) -> None:
@@ -267,18 +300,19 @@ def publish_model(artifact, run_dir: Path) -> None:
 
 
 def publish_registered(artifact, run_dir: Path, version) -> None:
-    """The registered weights as a Model artifact whose metadata names the MLflow version."""
-    dest = Path(artifact.path)
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in (WEIGHTS, RUN_JSON):
-        shutil.copy2(Path(run_dir) / name, dest / name)
-    artifact.metadata.update(_model_metadata(Path(run_dir), WEIGHTS))
-    artifact.metadata.update({
+    """The registered version as a small Model artifact: its record (the weights stay in
+    MLflow, where `mlflow_model_uri` points), described for the KFP UI."""
+    record = {
         "registered_model": version.name,
         "version": str(version.version),
         "mlflow_model_uri": f"models:/{version.name}/{version.version}",
         "aliases": sorted(version.aliases or []),
-    })
+    }
+    dest = Path(artifact.path)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "version.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    artifact.metadata.update(_model_metadata(Path(run_dir), WEIGHTS))
+    artifact.metadata.update(record)
 
 
 def _model_metadata(run_dir: Path, weights: str) -> dict:
@@ -300,12 +334,24 @@ def log_metrics(artifact, values: Mapping[str, Any], prefix: str = "") -> None:
             artifact.log_metric(f"{prefix}{key}", float(value))
 
 
+def log_cross_dataset(metrics, summary: Mapping) -> None:
+    """`<eval dataset>_<metric>` for every dataset of an evaluation summary."""
+    for eval_ds, values in summary.items():
+        log_metrics(metrics, {k: v for k, v in values.items() if k != "n"}, prefix=f"{eval_ds}_")
+
+
+def describe_decisions(decisions) -> str:
+    """Promotion decisions into the task log, one line each, and as the task's JSON output."""
+    for decision in decisions:
+        print(f"{decision.name}: {decision.action}: {decision.reason}")
+    return json.dumps([d.as_dict() for d in decisions])
+
+
 def log_evaluation(metrics, confusion, params: Params, dataset: str, model: str, summary: Mapping) -> None:
     """In-domain accuracy / macro-F1 plus `<eval dataset>_<metric>` for the cross-dataset
     matrix; the in-domain confusion matrix as ClassificationMetrics."""
     log_metrics(metrics, {k: v for k, v in summary.get(dataset, {}).items() if k != "n"})
-    for eval_ds, values in summary.items():
-        log_metrics(metrics, {k: v for k, v in values.items() if k != "n"}, prefix=f"{eval_ds}_")
+    log_cross_dataset(metrics, summary)
     # evaluate_run's layout: <evaluate.out_dir>/fine-tuned/<train ds>/<model>/<eval ds>/
     path = params.evaluate.out_dir / "fine-tuned" / dataset / model / dataset / "confusion.json"
     matrix_ = json.loads(path.read_text(encoding="utf-8"))

@@ -53,15 +53,36 @@ class CompileOptions:
     fetch_retries: int = 3
     fetch_backoff: str = "60s"
     fetch_backoff_factor: float = 2.0
+    # The other data tasks (fetch, evaluate, zero-shot): they decode images on these CPUs.
+    task_cpu_request: str = "4"
+    task_cpu_limit: str = "8"
+    task_memory_request: str = "8Gi"
+    task_memory_limit: str = "16Gi"
+    # StorageClass of the tasks' work volumes (generic ephemeral volumes); "" = the default.
+    work_storage_class: str = ""
     train_timeout_s: int = 24 * 3600
     task_timeout_s: int = 4 * 3600
-    parallelism: int = 0  # concurrent (dataset, model) iterations; 0 = no limit
+    # GPUs the run may hold at once (the namespace's quota); with `parallelism` 0 the
+    # concurrent trainings are gpu_quota // gpus, so no pod waits on a GPU it cannot get.
+    gpu_quota: int = 8
+    parallelism: int = 0  # concurrent (dataset, model) iterations; 0 = from gpu_quota
 
     def __post_init__(self) -> None:
         if self.gpus < 0:
             raise FerflowError(f"--gpus {self.gpus}: must be 0 or more")
         if self.parallelism < 0:
-            raise FerflowError(f"--parallelism {self.parallelism}: must be 0 (no limit) or more")
+            raise FerflowError(f"--parallelism {self.parallelism}: must be 0 (from --gpu-quota) or more")
+        if self.gpus and self.gpu_quota < self.gpus:
+            raise FerflowError(f"--gpu-quota {self.gpu_quota}: smaller than --gpus {self.gpus}; no training "
+                               "could ever be scheduled")
+
+    @property
+    def concurrent_trainings(self) -> int:
+        """The ParallelFor's parallelism: explicit, else what the GPU quota allows (CPU
+        training: 0, no limit)."""
+        if self.parallelism:
+            return self.parallelism
+        return self.gpu_quota // self.gpus if self.gpus else 0
 
 
 @dataclass(frozen=True)

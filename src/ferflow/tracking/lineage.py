@@ -4,10 +4,9 @@ digest, DVC lock), base weights, recipe, version and the orchestrator's run.
 Every lookup degrades to "unknown" rather than failing: lineage describes a run, it never
 decides whether one may happen.
 
-KFP run id: `KFP_RUN_ID` when set (our components pass `dsl.PIPELINE_JOB_ID_PLACEHOLDER`
-into it: KFP v2 puts the run id in no standard container variable), else
-`ARGO_WORKFLOW_NAME` (set by Argo-based executors / a downward-API env on the pod), else
-"none".
+KFP run id: `KFP_RUN_ID` when set (on a cluster, the pipeline maps the pod's
+`pipeline/runid` label into it; the uncached register task also gets it as an input), else
+`ARGO_WORKFLOW_NAME` (set by Argo-based executors), else "none".
 """
 
 from __future__ import annotations

@@ -450,11 +450,18 @@ def _version_tags(params: Params, info: dict, dataset: str, run_dir: Path, run, 
         tags.update(lineage_tags(params, dataset, str(info["model"]), run_dir, stage="register"))
     except Exception as exc:  # noqa: BLE001 - lineage is best effort beside run.json
         log.warning("lineage tags unavailable: %s", exc)
+    registering_run = tags.get("kfp.run_id", "none")
     for key, value in run.data.tags.items():
         if key == "mlflow.source.git.commit":
             tags.setdefault("git.commit", value)
         elif not key.startswith("mlflow."):
             tags[key] = value
+    if registering_run != "none":
+        # The KFP run that registered this version; a cached training came from an earlier one.
+        trained_in = run.data.tags.get("kfp.run_id", "none")
+        if trained_in not in ("none", registering_run):
+            tags["kfp.train_run_id"] = trained_in
+        tags["kfp.run_id"] = registering_run
     tags.update({
         "model.name": str(info["model"]), "model.arch": str(info.get("arch", "")),
         "model.input_size": str(info["input_size"]), "model.classes": ",".join(info["classes"]),

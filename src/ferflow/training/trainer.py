@@ -93,7 +93,7 @@ def train(
     cfg = params.require_train()
     params.data.check_dataset(dataset)  # a clear error for an unknown dataset name
     entry = zoo.resolve(model_name)
-    size = cfg.input_size or entry.input_size
+    size = zoo.input_size(model_name, cfg.input_size)
     run_dir = Path(run_dir or run_dir_for(params, dataset, model_name))
     data_dir = params.data.prepared_dir / dataset
     rt = setup_runtime(cfg, params.seed)
