@@ -1,10 +1,12 @@
 # The image every task of the ferflow Kubeflow pipeline runs in (and a GPU `ferflow` CLI).
 #
-#   docker build --build-arg FERFLOW_GIT_COMMIT=$(git rev-parse HEAD) -t ghcr.io/ferflow/ferflow:0.1.0 .
+#   make image      # = docker build --build-arg FERFLOW_GIT_COMMIT=<commit> \
+#                   #     -t ghcr.io/ferflow/ferflow:src-<digest> -t ghcr.io/ferflow/ferflow:<commit> .
 #
-# Tag: ghcr.io/ferflow/ferflow:<version>, <version> being the package version of
-# pyproject.toml (ferflow.__version__). `ferflow pipeline compile` uses that tag unless
-# FERFLOW_IMAGE or --image names another; a run can also override it (`image` parameter).
+# Tags: the git commit (short), and `src-<digest>` of what this file copies in (Dockerfile,
+# requirements.lock, pyproject.toml, src/; `ferflow pipeline image-tag` prints it), which is
+# the image a pipeline compiled from the same checkout runs by default. FERFLOW_IMAGE or
+# --image name another; a run can also override it (`image` parameter).
 #
 # Base: Debian's slim Python of the lock's version. CUDA comes with the lock's own torch:
 # PyPI's torch 2.14.1 is a CUDA 13 build that carries its runtime as nvidia-* wheels (pinned in

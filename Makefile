@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO := demo
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install assets test demo bench lock clean-demo
+.PHONY: install assets test demo bench lock clean-demo image
 
 install: $(STAMP)
 
@@ -60,3 +60,13 @@ lock: $(STAMP)
 
 clean-demo:
 	rm -rf $(DEMO)
+
+# The task image, tagged with the git commit and with the digest of its inputs
+# (`ferflow pipeline image-tag`), which is the image a pipeline compiled from this checkout
+# runs by default. Push both: `docker push --all-tags ghcr.io/ferflow/ferflow`.
+image: $(STAMP)
+	@git diff --quiet HEAD -- Dockerfile requirements.lock pyproject.toml src || \
+	  echo "note: uncommitted changes in the image's inputs; the commit tag will not describe them"
+	docker build --build-arg FERFLOW_GIT_COMMIT=$$(git rev-parse HEAD) \
+	  -t $$($(BIN)/ferflow pipeline image-tag) \
+	  -t ghcr.io/ferflow/ferflow:$$(git rev-parse --short=12 HEAD) .

@@ -1,7 +1,7 @@
 """The task image (no Docker engine here, so the Dockerfile is checked as text): a pinned
 slim Python base, the lock installed as it is (its CUDA torch included) in a layer before
-the code, a non-root user, `ferflow` as entry point, a lean build context, and the tag the
-pipeline uses by default documented beside it."""
+the code, a non-root user, `ferflow` as entry point, a lean build context, and `make image`
+tagging the commit and the digest the pipeline runs by default."""
 
 import re
 import tomllib
@@ -82,14 +82,47 @@ def test_build_context_leaves_out_data_stores_and_credentials():
     assert {".venv", "data", "mlruns", "demo", ".git", ".dvc/cache", ".dvc/config.local"} <= ignored
 
 
-def test_default_image_tag_is_the_documented_versioned_one():
+def test_make_image_tags_the_commit_and_the_pipeline_s_default(monkeypatch):
+    """`make image` tags the git commit and the inputs digest, and the digest is what a
+    compile of this checkout names (test_compile checks the committed YAML against it)."""
+    from ferflow.pipeline import configured_image, image_tag
+
+    makefile = (REPO / "Makefile").read_text()
+    recipe = makefile[makefile.index("\nimage:"):]
+    assert "docker build --build-arg FERFLOW_GIT_COMMIT=$$(git rev-parse HEAD)" in recipe
+    assert "-t $$($(BIN)/ferflow pipeline image-tag)" in recipe and "$$(git rev-parse --short=12 HEAD)" in recipe
+    monkeypatch.delenv("FERFLOW_IMAGE", raising=False)
+    tag = image_tag(REPO)
+    assert re.fullmatch(r"src-[0-9a-f]{12}", tag) and configured_image(REPO) == f"{IMAGE_REPOSITORY}:{tag}"
+    assert "make image" in DOCKERFILE and "ferflow pipeline image-tag" in DOCKERFILE
+
+
+def test_image_tag_follows_the_image_s_inputs_only(tmp_path):
+    import shutil
+
+    from ferflow.pipeline import image_tag
+
+    for name in ("Dockerfile", "requirements.lock", "pyproject.toml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    (tmp_path / "src" / "pkg").mkdir(parents=True)
+    (tmp_path / "src" / "pkg" / "a.py").write_text("x = 1\n")
+    first = image_tag(tmp_path)
+    (tmp_path / "README.md").write_text("docs")  # not an input
+    (tmp_path / "src" / "pkg" / "__pycache__").mkdir()
+    (tmp_path / "src" / "pkg" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"junk")
+    assert image_tag(tmp_path) == first
+    (tmp_path / "src" / "pkg" / "a.py").write_text("x = 2\n")
+    assert image_tag(tmp_path) != first
+    assert image_tag(tmp_path / "src") is None  # not a checkout
+
+
+def test_versioned_tag_outside_a_checkout():
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert version == __version__
     assert DEFAULT_IMAGE == f"{IMAGE_REPOSITORY}:{version}"
-    assert re.search(rf"docker build .*-t {re.escape(DEFAULT_IMAGE)} \.", DOCKERFILE)
 
 
-@pytest.mark.parametrize("name", ["fetch", "prepare", "train", "evaluate", "register", "promote", "report"])
+@pytest.mark.parametrize("name", ["fetch", "train", "evaluate", "zero_shot", "register", "promote", "report"])
 def test_components_default_to_the_image(name):
     """`base_image` of every component is the configured tag (FERFLOW_IMAGE or the default;
     the pipeline then sets its `image` parameter on each task, which test_compile checks)."""
