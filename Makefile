@@ -51,8 +51,11 @@ demo: $(STAMP)
 	@echo "  evaluation      $(DEMO)/evaluation/ (metrics, confusion matrices), data reports $(DEMO)/data/prepared/*/report.json"
 	@echo "  MLflow UI       cd $(DEMO) && $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db  (models: ferflow-*@champion)"
 
+# The quick benchmarks: data layer (needs ../shared's stand-in archives) and the pipeline's
+# bytes per task; the others take their own arguments (see each script's docstring).
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/bench_pipeline.py
+	$(BIN)/python benchmarks/bench_data.py
 
 lock: $(STAMP)
 	{ grep '^#' requirements.lock; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^ferflow'; } > requirements.lock.new
