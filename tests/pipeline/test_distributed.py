@@ -260,3 +260,32 @@ def test_cli_refuses_a_bad_params_file(tmp_path):
     done = ferflow("pipeline", "trainjob", "-d", "LFW-FER", "-m", "enet_b0_7", "--params", str(bad))
     assert done.returncode == 2
     assert "trian" in done.stderr and "unknown key" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_train_component_with_two_gpus_runs_two_ranks(tiny_workspace, tmp_path):
+    """The KFP train component itself (as its executor calls it), `gpus=2` on this CPU:
+    fetch and prepare in its workspace, then torchrun with 2 gloo ranks; the same result as
+    `gpus=1` at the same global batch, and the run dir published as its Model artifact."""
+    from kfp import dsl
+
+    sys.path.insert(0, str(REPO))
+    from components.train import train
+
+    base, weights = tiny_workspace
+    common = [*TRAIN, f"models.demo_tiny.pretrained={weights}"]
+    results = {}
+    for gpus, batch in ((1, 32), (2, 16)):
+        _, config = write_params(tmp_path / f"config{gpus}/params.yaml", base, *common, f"train.batch_size={batch}")
+        outputs = {name: dsl.Artifact(name=name, uri=str(tmp_path / f"out{gpus}" / name))
+                   for name in ("model", "reports", "metrics")}
+        outputs["metrics"] = dsl.Metrics(name="metrics", uri=str(tmp_path / f"out{gpus}" / "metrics"))
+        train.python_func(config=dsl.Artifact(name="config", uri=str(config)), dataset="LFW-FER",
+                          model_name="demo_tiny", dvc_lock={}, dvc_remote="", gpus=gpus, **outputs)
+        run_dir = Path(outputs["model"].path) / "LFW-FER" / "demo_tiny"
+        results[gpus] = (json.loads((run_dir / "run.json").read_text()), load_file(run_dir / "best.safetensors"),
+                         outputs["metrics"].metadata)
+        assert (Path(outputs["reports"].path) / "LFW-FER" / "report.json").is_file()
+    (info1, w1, m1), (info2, w2, m2) = results[1], results[2]
+    assert (info1["world_size"], info2["world_size"]) == (1, 2)
+    assert max(float((w1[k].double() - w2[k].double()).abs().max()) for k in w1) < 1e-4
+    assert m2["val_loss"] == pytest.approx(m1["val_loss"], rel=1e-4)
