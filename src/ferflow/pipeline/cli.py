@@ -264,8 +264,8 @@ def trainjob(
     model: Annotated[str, typer.Option("--model", "-m", help="zoo name (see `ferflow models`) or timm:<arch>")],
     nodes: Annotated[int, typer.Option("--nodes", help="training nodes (pods)")] = 2,
     gpus_per_node: Annotated[int, typer.Option("--gpus-per-node", help="GPUs, and so ranks, per node (0: CPU)")] = 1,
-    image: Annotated[Optional[str], typer.Option("--image", help="container image [default: $FERFLOW_IMAGE or "
-                                                 "the versioned ghcr.io/ferflow/ferflow tag]")] = None,
+    image: Annotated[Optional[str], typer.Option("--image", help="container image [default: $FERFLOW_IMAGE, else "
+                                                 "this checkout's (`ferflow pipeline image-tag`)]")] = None,
     params: Annotated[Path, typer.Option("--params", "-p", help="params file, put in the job's ConfigMap")]
     = Path("params.yaml"),
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override a params key (repeatable)")]

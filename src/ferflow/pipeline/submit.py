@@ -299,8 +299,8 @@ def _pipeline_id(client, host: str, package: Path, name: str, namespace: Optiona
     try:
         return client.upload_pipeline(
             str(package), pipeline_name=name, namespace=namespace,
-            description="ferflow: fetch, prepare, train and evaluate every (dataset, model), register, promote; "
-                        "versions are named by git commit",
+            description="ferflow: fetch, then train, evaluate and register every (dataset, model), zero-shot "
+                        "baselines, promote per dataset; versions are named by git commit",
         ).pipeline_id
     except ApiException as exc:
         if exc.status != 409:  # 409: uploaded by someone else since we looked
