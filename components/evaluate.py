@@ -1,7 +1,7 @@
 """KFP component: one trained model on every dataset's eval split (`ferflow.stages.evaluate`)."""
 
 from kfp import dsl
-from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
 from ferflow.pipeline import IMAGE
 
@@ -16,10 +16,12 @@ def evaluate(
     evaluation: Output[Artifact],
     metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
+    gallery: Output[Markdown],
 ):
     """Prepare the eval datasets at the model's size from the fetched archives, evaluate:
     files into `evaluation` (logged to the training's MLflow run too), the cross-dataset
-    accuracies into `metrics`, the in-domain confusion matrix into `confusion`."""
+    accuracies into `metrics`, the in-domain confusion matrix into `confusion`, and into
+    `gallery` (Markdown) that matrix and the most confident mistakes as pictures."""
     from ferflow import stages
     from ferflow.evaluation.evaluate import eval_datasets_for
     from ferflow.pipeline import glue
@@ -29,3 +31,4 @@ def evaluate(
         glue.prepare_at(params, eval_datasets_for(params, dataset), model_name)
         summary = stages.evaluate(params, dataset, model_name)
         glue.log_evaluation(metrics, confusion, params, dataset, model_name, summary)
+        glue.publish_gallery(gallery, params, dataset, model_name, summary)

@@ -307,6 +307,62 @@ def models(
     out.print("any timm architecture: timm:<name>, e.g. timm:tf_efficientnet_b0")
 
 
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(metavar="PATH", help="image files or folders (searched recursively)")],
+    model: Annotated[str, typer.Option("--model", "-m", help="models:/<name>@<alias>, models:/<name>/<version>, "
+                                       "a run directory, or a zoo name (zero-shot)")],
+    out_file: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="FILE.csv or FILE.json (with the skipped files); default: CSV on stdout")] = None,
+    annotate: Annotated[Optional[Path], typer.Option(
+        "--annotate", help="write a copy of each image with its box and label into this folder")] = None,
+    face_crop: Annotated[Optional[str], typer.Option(
+        "--face-crop", help="none | center:<f> | detect | detect:<f> (default: what the model was trained with)")]
+    = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="images per forward pass")] = 32,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Predict negative / neutral / positive for photos with a trained, registered or zoo model."""
+    from ferflow.serving.predict import run
+
+    cfg = _load(params, set_, verbose)
+    result = run(paths, model, cfg, out_file, annotate, face_crop, batch_size, console=console)
+    console.print(f"{len(result.predictions)} image(s) predicted, {len(result.skipped)} skipped"
+                  + (f"; written to {out_file}" if out_file else "")
+                  + (f"; annotated copies in {annotate}" if annotate else ""), markup=False, highlight=False,
+                  soft_wrap=True)
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Option("--model", "-m", help="models:/<name>@<alias>, models:/<name>/<version>, "
+                                       "a run directory, or a zoo name (zero-shot)")],
+    format_: Annotated[str, typer.Option("--format", "-f", help="onnx")] = "onnx",
+    out_file: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="the file to write (default: ./<reference>.onnx)")] = None,
+    opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset, >= 18 (default: the exporter's)")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Export a model as ONNX: uint8 RGB NCHW images in (normalisation inside, any batch),
+    3-class probabilities out; checked against torch with onnxruntime before it is written."""
+    import json
+
+    from ferflow.serving.export import export as export_model
+
+    cfg = _load(params, set_, verbose)
+    result = export_model(cfg, model, format_, out_file, opset)
+    meta, size = result.metadata, result.metadata["preprocess.size"]
+    for line in (f"wrote {result.path} (opset {result.opset}, sha256 {result.sha256})",
+                 f"  input {meta['input.name']}: uint8 (batch, 3, {size}, {size}) RGB 0..255, normalised inside; "
+                 f"output {meta['output.name']}: {', '.join(json.loads(meta['ferflow.classes']))}",
+                 f"  onnxruntime vs torch: max |probability difference| {result.max_abs_diff:.2e}"):
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 @app.command(
     "parent-run",
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
@@ -343,6 +399,10 @@ def parent_run_cmd(
 
 
 app.add_typer(pipeline_app, name="pipeline")
+
+from ferflow.serving.kserve import serve_app  # noqa: E402 - imports nothing heavy (typer only)
+
+app.add_typer(serve_app, name="serve")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

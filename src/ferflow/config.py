@@ -346,6 +346,14 @@ class RegistrySettings(_Frozen):
         return self.names.get(dataset) or f"ferflow-{dataset.lower()}"
 
 
+class ServeSettings(_Frozen):
+    """The registered model's runtime. Every version carries model.onnx either way; the
+    engine is recorded in its MLmodel (model_config) and can be overridden when loading."""
+
+    engine: Literal["torch", "onnx"] = Field(
+        default="torch", description="torch: the weights on PyTorch; onnx: model.onnx on onnxruntime")
+
+
 class Params(_Frozen):
     seed: int = 42
     data: DataSettings
@@ -358,6 +366,7 @@ class Params(_Frozen):
     report: ReportSettings = ReportSettings()
     tracking: TrackingSettings = TrackingSettings()
     registry: RegistrySettings = RegistrySettings()
+    serve: ServeSettings = ServeSettings()
 
     @model_validator(mode="after")
     def _train_names_known(self) -> "Params":

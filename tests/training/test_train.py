@@ -13,7 +13,8 @@ import torch
 
 from ferflow import stages
 from ferflow.config import AugmentSettings
-from ferflow.training.augment import Normalize, augment
+from ferflow.models.preprocess import Normalize
+from ferflow.training.augment import augment
 from ferflow.training.losses import inverse_frequency_weights
 from ferflow.training.optim import SAM, cosine_with_warmup
 

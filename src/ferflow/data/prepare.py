@@ -85,10 +85,13 @@ class Decoded:
     face_score: float = float("nan")
 
 
+_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
 def decode_image(data: bytes, sizes: list[int], crop: FaceCrop | None = None,
-                 detector: FaceDetector | None = None) -> Decoded:
-    """Decode once, check it fully, crop (prepare.face_crop) and resize to every cache size
-    (RGB, bilinear)."""
+                 detector: FaceDetector | None = None, interpolation: str = "bilinear") -> Decoded:
+    """Decode once, check it fully, crop (prepare.face_crop) and resize to every size (RGB;
+    the caches are bilinear, ferflow.models.inference.CACHE_INTERPOLATION)."""
     sha1 = hashlib.sha1(data).hexdigest()
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -105,9 +108,17 @@ def decode_image(data: bytes, sizes: list[int], crop: FaceCrop | None = None,
         rgb = rgb.crop(box)
     arrays = {}
     for size in sizes:
-        resized = rgb if rgb.size == (size, size) else rgb.resize((size, size), Image.BILINEAR)
+        resized = rgb if rgb.size == (size, size) else rgb.resize((size, size), _RESAMPLE[interpolation])
         arrays[size] = np.asarray(resized, dtype=np.uint8)
     return Decoded(sha1, width, height, mode, arrays, box, face, score)
+
+
+def decode_photo(data: bytes, preprocess, detector: FaceDetector | None = None) -> Decoded:
+    """One photo as a model takes it: `preprocess` (ferflow.models.preprocess.Preprocess, or
+    anything with size, face_crop, face_margin and interpolation) applied by the caches' own
+    decode, so predict and serving see what prepare gives training."""
+    crop = FaceCrop.parse(preprocess.face_crop, preprocess.face_margin)
+    return decode_image(data, [preprocess.size], crop, detector, preprocess.interpolation)
 
 
 class _BadImage(Exception):

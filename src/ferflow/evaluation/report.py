@@ -35,6 +35,11 @@ NOTE = (
     "set or the generated demo archives (which reuse the archive names), are not comparable "
     "with them, and neither are the deltas against them."
 )
+GALLERY_NOTE = (
+    "The most confident mistakes per true class, as faces: `errors.png` beside `confusion.png` in each "
+    "evaluation's folder, both also logged to the training's MLflow run (named `<train dataset>/<model>`) "
+    "under `evaluation/<eval dataset>/`; in Kubeflow, each evaluate task's `gallery` output shows the in-domain pair.\n"
+)
 
 
 # ------------------------------------------------------------------------------ collect
@@ -226,6 +231,14 @@ def render_markdown(df: pd.DataFrame) -> str:
         body = [[train, *(_pct(v) for v in values)] for train, values in matrix.iterrows()]
         parts.append(f"### {model}\n")
         parts.append(markdown_table(["trained on ↓ / evaluated on →", *matrix.columns], body))
+    runs = df.loc[df["stage"] == "fine-tuned", ["train_dataset", "model", "eval_dataset"]]
+    if not runs.empty:
+        parts.append("## Error galleries\n")
+        parts.append(GALLERY_NOTE)
+        parts.append("".join(
+            f"- `{train}/{model}`: `evaluation/fine-tuned/{train}/{model}/<eval dataset>/errors.png` for "
+            f"{', '.join(_ordered(set(group['eval_dataset'])))}\n"
+            for (train, model), group in runs.groupby(["train_dataset", "model"], sort=True)))
     return "\n".join(parts)
 
 

@@ -282,8 +282,9 @@ def zero_shot_forward(model: nn.Module, entry: ZooEntry, images: Tensor) -> Tens
     """Logits over entry.classes only (va_mtl: the first 8 of its 10 outputs)."""
     if not entry.classes:
         raise FerflowError(f"model {entry.name} has no pretrained expression classes: zero-shot needs one")
-    out = model(images)
-    out = out[0] if isinstance(out, tuple) else out
+    from ferflow.models.inference import forward
+
+    out, _ = forward(model, images)
     expected = len(entry.classes) + entry.extra_outputs
     if out.shape[-1] != expected:
         raise FerflowError(

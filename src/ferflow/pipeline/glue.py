@@ -22,6 +22,7 @@ caches are ~10x the JPEG archives, so this moves the least (benchmarks/bench_pip
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
@@ -356,6 +357,65 @@ def log_evaluation(metrics, confusion, params: Params, dataset: str, model: str,
     path = params.evaluate.out_dir / "fine-tuned" / dataset / model / dataset / "confusion.json"
     matrix_ = json.loads(path.read_text(encoding="utf-8"))
     confusion.log_confusion_matrix(list(matrix_["classes"]), [list(map(int, row)) for row in matrix_["matrix"]])
+
+
+EMBED_MAX_BYTES = 1 << 20  # a bigger PNG is named, not inlined: the KFP UI loads a Markdown artifact whole
+
+
+def _embedded_png(path: Path, alt: str) -> str:
+    if not path.is_file():
+        return f"_{alt}: not written ({path.name} missing)._"
+    data = path.read_bytes()
+    if len(data) > EMBED_MAX_BYTES:
+        return f"_{alt}: {len(data) // 1024} KiB, too large to show here; see below._"
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(data).decode('ascii')})"
+
+
+def _mlflow_line(params: Params, dataset: str, model: str) -> str:
+    """Which MLflow run holds the evaluation's PNGs, as stages.evaluate decides to log them."""
+    ref_path = run_dir(params, dataset, model) / MLFLOW_RUN
+    try:
+        ref = json.loads(ref_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        ref = {}
+    if not params.tracking.enabled or not ref.get("run_id"):
+        why = "tracking.enabled is false" if not params.tracking.enabled else "the training recorded no MLflow run"
+        return f"Not logged to MLflow ({why}); the files are in this task's `evaluation` artifact."
+    uri, run_id, experiment_id = ref.get("tracking_uri", ""), ref["run_id"], ref.get("experiment_id", "")
+    where = f"[{uri}]({uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id})" \
+        if uri.startswith(("http://", "https://")) and experiment_id else f"`{uri}`"
+    return (f"MLflow: run `{run_id}` (`{ref.get('run_name', f'{dataset}/{model}')}`, experiment "
+            f"`{ref.get('experiment', '')}`) at {where} holds every evaluation's "
+            f"`evaluation/<eval dataset>/errors.png` and `confusion.png`.")
+
+
+def gallery_markdown(params: Params, dataset: str, model: str, summary: Mapping) -> str:
+    """The in-domain confusion matrix and error gallery inlined as PNG data URIs (KFP's UI
+    renders Markdown, not artifact images), every eval dataset's files named, and the
+    MLflow run that holds them too."""
+    root = params.evaluate.out_dir / "fine-tuned" / dataset / model  # evaluate_run's out_root
+    lines = [f"# {model} trained on {dataset}: where it goes wrong\n"]
+    if dataset in summary:
+        values = summary[dataset]
+        lines.append(f"In-domain ({dataset} eval split, n = {values.get('n', '?')}): accuracy "
+                     f"{100 * values['accuracy']:.2f} %, macro-F1 {100 * values['macro_f1']:.2f} %.\n")
+        lines.append("## Confusion matrix\n")
+        lines.append(_embedded_png(root / dataset / "confusion.png", f"confusion matrix, {dataset}") + "\n")
+        lines.append("## Most confident mistakes per true class\n")
+        lines.append(_embedded_png(root / dataset / "errors.png", f"error gallery, {dataset}") + "\n")
+    lines.append("## Every evaluation's files\n")
+    lines.append("In this task's `evaluation` artifact:\n")
+    lines.extend(f"- {eval_ds}: `fine-tuned/{dataset}/{model}/{eval_ds}/errors.png`, `confusion.png`"
+                 for eval_ds in summary)
+    lines.append("")
+    lines.append(_mlflow_line(params, dataset, model) + "\n")
+    return "\n".join(lines)
+
+
+def publish_gallery(markdown, params: Params, dataset: str, model: str, summary: Mapping) -> None:
+    path = Path(markdown.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(gallery_markdown(params, dataset, model, summary), encoding="utf-8")
 
 
 def publish_report(markdown, table, paths: Mapping[str, Path]) -> None:

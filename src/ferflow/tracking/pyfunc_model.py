@@ -5,6 +5,8 @@ names the model object. Artifacts it reads (see `ferflow.tracking.registry.log_m
 
     weights   best.safetensors of a training run (3-class head)
     run_json  run.json of that run: zoo model name, input size, class order
+    onnx      model.onnx (ferflow.serving.export): run on onnxruntime when the model_config
+              says engine: onnx (serve.engine), with the preprocessing in its metadata
 
 Input: a pandas DataFrame with a column `image` (base64 text or raw bytes of an encoded
 image) or `path` (an image file; in-process only: a REST server refuses it unless
@@ -12,8 +14,9 @@ FERFLOW_SERVE_ALLOW_PATHS=1, so that clients cannot probe the server's files), o
 per row.
 Output: a DataFrame with `label` and one `p_<class>` column per class.
 
-Preprocessing is training's own: the decode/resize of `prepare` (RGB, square, bilinear)
-and the normalisation of training, so served probabilities equal `ferflow evaluate`'s.
+Preprocessing and inference are ferflow's one path (ferflow.models.inference): the
+preprocessing recorded in run.json (prepare's decode, crop and resize) and the Predictor
+that evaluate and predict use, so served probabilities equal theirs.
 """
 
 from __future__ import annotations
@@ -42,20 +45,30 @@ class FerflowImageClassifier(PythonModel):
     """3-class facial-expression classifier of one ferflow training run."""
 
     def load_context(self, context) -> None:
-        from safetensors.torch import load_file
+        from ferflow.models import inference
 
-        from ferflow.models import zoo
-        from ferflow.training.augment import Normalize
+        # serve.engine, from the MLmodel's model_config (load_model(model_config=...) overrides it).
+        engine = (getattr(context, "model_config", None) or {}).get("engine", "torch")
+        if engine == "onnx":
+            from ferflow.serving.export import OnnxPredictor
 
-        info = json.loads(Path(context.artifacts["run_json"]).read_text(encoding="utf-8"))
-        self.classes = list(info["classes"])
-        self.size = int(info["input_size"])
-        self.entry = zoo.resolve(info["model"])
-        model = zoo.build_finetuned(self.entry, load_file(context.artifacts["weights"]), len(self.classes))
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = model.to(self.device).eval()
-        cfg = zoo.data_config(self.entry)
-        self.normalize = Normalize(cfg["mean"], cfg["std"], self.device)
+            if "onnx" not in context.artifacts:
+                raise MlflowException("engine onnx, but the model was logged without model.onnx; re-register it")
+            self.predictor = OnnxPredictor(context.artifacts["onnx"])  # same decode, same probabilities
+        elif engine == "torch":
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            self.predictor = inference.load_files(context.artifacts["weights"], context.artifacts["run_json"], device)
+        else:
+            raise MlflowException(f"model_config engine {engine!r}: expected torch or onnx")
+        self.classes, self.size = self.predictor.classes, self.predictor.preprocess.size
+        self.detector = None
+        if self.predictor.preprocess.face_crop.startswith("detect"):
+            from ferflow.data.faces import FaceDetector, read_weights_container
+
+            if "detector" not in context.artifacts:
+                raise MlflowException("the model crops faces with a detector (face_crop "
+                                      f"{self.predictor.preprocess.face_crop}) but was logged without its weights")
+            self.detector = FaceDetector(read_weights_container(Path(context.artifacts["detector"])))
 
     # The DataFrame hint tells MLflow not to infer a signature from hints (the logged one rules).
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
@@ -63,12 +76,14 @@ class FerflowImageClassifier(PythonModel):
         images = self._decode_all(frame)
         probs = self._probabilities(images)
         labels = [self.classes[i] for i in probs.argmax(1)] if len(probs) else []
-        return pd.DataFrame({"label": labels, **{f"p_{c}": probs[:, i] for i, c in enumerate(self.classes)}})
+        # object dtype: pandas 3's string dtype is one MLServer's V2 codec cannot encode.
+        return pd.DataFrame({"label": pd.Series(labels, dtype=object),
+                             **{f"p_{c}": probs[:, i] for i, c in enumerate(self.classes)}})
 
     # ---------------------------------------------------------------------------- input
 
     def _decode_all(self, frame: pd.DataFrame) -> list[np.ndarray]:
-        from ferflow.data.prepare import decode_image
+        from ferflow.data.prepare import decode_photo
 
         columns = [c for c in ("image", "path") if c in frame.columns]
         if not columns:
@@ -81,7 +96,7 @@ class FerflowImageClassifier(PythonModel):
         for label, row in zip(frame.index, frame[columns].itertuples(index=False, name=None)):
             try:
                 data = _row_bytes(dict(zip(columns, row)), allow_paths)
-                arrays.append(decode_image(data, [self.size]).arrays[self.size])
+                arrays.append(decode_photo(data, self.predictor.preprocess, self.detector).arrays[self.size])
             except Exception as exc:  # noqa: BLE001 - every failure becomes "row N: why"
                 problems.append(f"row {label}: {_reason(exc)}")
         if problems:
@@ -90,17 +105,8 @@ class FerflowImageClassifier(PythonModel):
             raise MlflowException.invalid_parameter_value(f"{len(problems)} of {len(frame)} rows unusable: {shown}{more}")
         return arrays
 
-    @torch.no_grad()
     def _probabilities(self, arrays: list[np.ndarray]) -> np.ndarray:
-        out = []
-        for start in range(0, len(arrays), BATCH_SIZE):
-            batch = torch.from_numpy(np.stack(arrays[start : start + BATCH_SIZE])).permute(0, 3, 1, 2)
-            # Same layout and normalisation as `ferflow evaluate`: identical probabilities.
-            x = self.normalize(batch.to(self.device)).contiguous(memory_format=torch.channels_last)
-            logits = self.model(x)
-            logits = logits[0] if isinstance(logits, tuple) else logits  # DAN returns a tuple
-            out.append(torch.softmax(logits.float(), dim=1).cpu().double().numpy())
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
+        return self.predictor.probabilities_of_arrays(arrays, BATCH_SIZE)
 
 
 def _row_bytes(row: dict, allow_paths: bool) -> bytes:

@@ -57,12 +57,18 @@ RUN_JSON, WEIGHTS, RUN_ID_FILE = "run.json", "best.safetensors", "mlflow_run.jso
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 LOGGED_MODEL_NAME = "model"
 WEIGHTS_TAG = "model.weights_sha256"  # sha256 of best.safetensors, on logged models and versions
+# model.onnx (ferflow.serving.export) rides in every logged model as the artifact `onnx`, at
+# ONNX_PATH inside the model; these tags (on logged models and versions) name it, and
+# ENGINE_TAG the runtime recorded in the MLmodel's model_config (serve.engine).
+ONNX_PATH = "artifacts/model.onnx"
+ONNX_PATH_TAG, ONNX_SHA_TAG, ONNX_OPSET_TAG = "model.onnx.path", "model.onnx.sha256", "model.onnx.opset"
+ENGINE_TAG = "serve.engine"
 
 MAX_TAG_VALUE = 5000  # MLflow's limit for model version tag values
 # What the served model imports (the bundled ferflow code included), pinned to this
 # environment so `mlflow models serve --env-manager virtualenv` rebuilds the same one.
 REQUIREMENTS = ("torch", "torchvision", "timm", "safetensors", "pillow", "numpy", "pandas", "mlflow",
-                "pydantic", "pyyaml", "requests")
+                "pydantic", "pyyaml", "requests", "onnxruntime")
 LICENCE_NOTE = (
     "Fine-tuned on the LFW emotion dataset (Yang, Wu, Hattori, MUM 2020; "
     "KDDI-AI-Center/LFW-emotion-dataset), released for academic / non-commercial use only: "
@@ -182,26 +188,28 @@ def _bundled_code() -> Iterator[str]:
         yield str(dest)
 
 
-def _find_logged_model(client: MlflowClient, run_id: str, weights_sha256: str):
-    """A model already logged into the run from these weights (by an earlier try)."""
+def _find_logged_model(client: MlflowClient, run_id: str, weights_sha256: str, engine: str = "torch"):
+    """A model already logged into the run from these weights and engine, with its ONNX (by an earlier try)."""
     run = client.get_run(run_id)
     for output in run.outputs.model_outputs if run.outputs is not None else []:
         try:
             model = client.get_logged_model(output.model_id)
         except MlflowException:
             continue
-        if model.tags.get(WEIGHTS_TAG) == weights_sha256 and str(model.status).upper().endswith("READY"):
+        if (model.tags.get(WEIGHTS_TAG) == weights_sha256 and str(model.status).upper().endswith("READY")
+                and model.tags.get(ONNX_SHA_TAG) and model.tags.get(ENGINE_TAG, "torch") == engine):
             return model
     return None
 
 
-def log_model(run_dir: Path, run_id: Optional[str] = None) -> ModelInfo:
+def log_model(run_dir: Path, run_id: Optional[str] = None, engine: str = "torch") -> ModelInfo:
     """Log the run directory's model (pyfunc from code, safetensors weights) into a run.
 
     The run: `run_id`, else the one recorded in `<run_dir>/mlflow_run.json`, else the
     active run, else a new run in MLflow's current experiment. A model already logged
     there from the same weights is reused, so retries do not pile up copies.
-    Uses the current tracking URI (`service.configure` sets it).
+    Uses the current tracking URI (`service.configure` sets it). `engine` (serve.engine):
+    what `mlflow.pyfunc.load_model` runs, torch or onnxruntime on the logged model.onnx.
     """
     run_dir = Path(run_dir)
     info = _read_run_dir(run_dir)
@@ -214,29 +222,61 @@ def log_model(run_dir: Path, run_id: Optional[str] = None) -> ModelInfo:
             with mlflow.start_run(run_name=f"{info.get('dataset', 'model')}/{info['model']}") as run:
                 mlflow.set_tags({"ferflow.registered_from_run_dir": "true", "ferflow.run_dir": str(run_dir.resolve())})
             run_id = run.info.run_id
-    return _log_model(MlflowClient(), run_dir, info, run_id)
+    return _log_model(MlflowClient(), run_dir, info, run_id, engine)
 
 
-def _log_model(client: MlflowClient, run_dir: Path, info: dict, run_id: str) -> ModelInfo:
+def _log_model(client: MlflowClient, run_dir: Path, info: dict, run_id: str, engine: str = "torch") -> ModelInfo:
     weights_sha256 = _sha256(run_dir / WEIGHTS)
-    existing = _find_logged_model(client, run_id, weights_sha256)
+    existing = _find_logged_model(client, run_id, weights_sha256, engine)
     if existing is not None:
         log.info("run %s already holds model %s with these weights; reusing it", run_id, existing.model_id)
         return mlflow.models.get_model_info(f"models:/{existing.model_id}")
     experiment_id = client.get_run(run_id).info.experiment_id
     tags = {WEIGHTS_TAG: weights_sha256, "model.name": str(info["model"]),
             "dataset.name": str(info.get("dataset", "")), "recipe.hash": str(info.get("recipe_hash", ""))}
-    # Created here, in the run's experiment: left to MLflow, a model logged outside an
-    # active run lands in the process's current experiment instead.
-    logged = client.create_logged_model(experiment_id, name=LOGGED_MODEL_NAME, source_run_id=run_id, tags=tags)
-    with _bundled_code() as code:
+    with _bundled_code() as code, tempfile.TemporaryDirectory(prefix="ferflow-onnx-") as tmp:
+        # Exported (and checked against torch) before anything is created: a model that
+        # cannot export fails registration here, with nothing half-logged.
+        onnx = _export_onnx(run_dir, weights_sha256, run_id, Path(tmp) / Path(ONNX_PATH).name)
+        tags.update({ENGINE_TAG: engine, ONNX_PATH_TAG: ONNX_PATH, ONNX_SHA_TAG: onnx.sha256,
+                     ONNX_OPSET_TAG: str(onnx.opset)})
+        # Created here, in the run's experiment: left to MLflow, a model logged outside an
+        # active run lands in the process's current experiment instead.
+        logged = client.create_logged_model(experiment_id, name=LOGGED_MODEL_NAME, source_run_id=run_id, tags=tags)
         return Model.log(
             artifact_path=None, name=LOGGED_MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id,
             python_model=str(MODEL_CODE),
-            artifacts={"weights": str(run_dir / WEIGHTS), "run_json": str(run_dir / RUN_JSON)},
+            artifacts={**_model_artifacts(run_dir, info), "onnx": str(onnx.path)},
             code_paths=[code], signature=_signature(), input_example=_input_example(),
-            pip_requirements=_requirements(),
+            pip_requirements=_requirements(), model_config={"engine": engine},
         )
+
+
+def _export_onnx(run_dir: Path, weights_sha256: str, run_id: str, out: Path):
+    """model.onnx of the run's model (ferflow.serving.export), on CPU."""
+    import torch
+
+    from ferflow.models.inference import load_run
+    from ferflow.serving.export import export_onnx
+
+    try:
+        return export_onnx(load_run(run_dir, torch.device("cpu")), out, source=f"runs:/{run_id}",
+                           weights_sha256=weights_sha256)
+    except FerflowError as exc:
+        raise FerflowError(f"{run_dir}: not registered, every version carries its model.onnx: {exc}") from exc
+
+
+def _model_artifacts(run_dir: Path, info: dict) -> dict[str, str]:
+    """Weights and run.json; the face detector's weights too when the run was trained on
+    detector crops, so the served model crops its inputs the same way."""
+    artifacts = {"weights": str(run_dir / WEIGHTS), "run_json": str(run_dir / RUN_JSON)}
+    if str((info.get("preprocess") or {}).get("face_crop", "none")).startswith("detect"):
+        from ferflow.config import validate
+        from ferflow.data.faces import detector_weights
+
+        params = validate(info["params"], origin=str(run_dir / RUN_JSON))
+        artifacts["detector"] = str(detector_weights(params.prepare.detector, params.fetch))
+    return artifacts
 
 
 # ---------------------------------------------------------------------------- register
@@ -304,7 +344,10 @@ def register(params: Params, dataset: str, run_dir: Path) -> ModelVersion:
             log.info("%s version %s already holds these weights with this evaluation; not registering again",
                      name, existing.version)
             return _complete(client, existing)
-        model_info = _log_model(client, run_dir, info, run.info.run_id)
+        model_info = _log_model(client, run_dir, info, run.info.run_id, params.serve.engine)
+        logged_tags = client.get_logged_model(model_info.model_id).tags
+        tags.update({k: logged_tags[k] for k in (ENGINE_TAG, ONNX_PATH_TAG, ONNX_SHA_TAG, ONNX_OPSET_TAG)
+                     if k in logged_tags})
         _ensure_registered_model(client, name, dataset)
         version = client.create_model_version(
             name, source=model_info.model_uri, run_id=run.info.run_id, tags=tags,
@@ -522,6 +565,9 @@ def model_card(name: str, info: dict, dataset: str, tags: dict, evaluation: _Eva
         f"| recipe | `{tags.get('recipe.hash', '?')}` (ferflow {tags.get('ferflow.version', '?')}, "
         f"git `{tags.get('git.commit', '?')[:12]}`) |",
         f"| weights | sha256 `{tags[WEIGHTS_TAG][:16]}…` |",
+        *([f"| ONNX | `{tags[ONNX_PATH_TAG]}` of this version's model (sha256 `{tags[ONNX_SHA_TAG][:16]}…`, "
+            f"opset {tags.get(ONNX_OPSET_TAG, '?')}): uint8 RGB NCHW in, probabilities out; "
+            f"served by {tags.get(ENGINE_TAG, 'torch')} |"] if ONNX_SHA_TAG in tags else []),
         f"| source run | `{tags['source_run_id']}` |",
         "",
         f"## Evaluation ({tags.get('eval.split', 'eval')} split, data manifest `{tags['eval.manifest_sha256'][:16]}…`)",

@@ -51,7 +51,7 @@ PARENT_RUN_ENV = "FERFLOW_PARENT_RUN_ID"
 ARTIFACTS_TRAIN = "training"
 ARTIFACTS_EVAL = "evaluation"
 RUN_FILES = ("history.json", "history.csv", "train_metrics.json")
-EVAL_FILES = ("metrics.json", "confusion.png", "confusion.json", "per_class.json", "per_class.csv")
+EVAL_FILES = ("metrics.json", "confusion.png", "errors.png", "confusion.json", "per_class.json", "per_class.csv")
 # mlflow/utils/validation.py limits (MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH, MAX_ENTITY_KEY_LENGTH).
 MAX_PARAM_VALUE, MAX_TAG_VALUE, MAX_KEY = 6000, 8000, 250
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")

@@ -1,4 +1,5 @@
-"""Normalisation and augmentation of uint8 batches on the training device.
+"""Augmentation of normalised batches on the training device (normalisation itself is the
+inference path's: ferflow.models.inference.Normalize).
 
 The cache hands over uint8 NCHW tensors; everything else happens here, batched, so the
 input path costs no per-image Python work (timm-style GPU augmentation).
@@ -12,18 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from ferflow.config import AugmentSettings
-
-
-class Normalize:
-    """uint8 [0, 255] -> float, (x - mean) / std, in one fused pass per batch."""
-
-    def __init__(self, mean: tuple, std: tuple, device: torch.device, dtype: torch.dtype = torch.float32):
-        self.scale = (1.0 / (255.0 * torch.tensor(std, device=device, dtype=dtype))).view(1, 3, 1, 1)
-        self.shift = (-torch.tensor(mean, device=device, dtype=dtype) / torch.tensor(std, device=device, dtype=dtype)).view(1, 3, 1, 1)
-        self.dtype = dtype
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.shift, images.to(self.dtype), self.scale)
 
 
 def augment(x: torch.Tensor, cfg: AugmentSettings) -> torch.Tensor:

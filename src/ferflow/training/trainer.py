@@ -33,7 +33,9 @@ from ferflow.data.masks import mask_batch
 from ferflow.errors import FerflowError
 from ferflow.labels import CLASSES, source_mapping
 from ferflow.training import checkpoint as ckpt
-from ferflow.training.augment import Normalize, augment
+from ferflow.models.inference import forward
+from ferflow.models.preprocess import Preprocess
+from ferflow.training.augment import augment
 from ferflow.training.losses import build_criterion, class_weights
 from ferflow.training.optim import build_optimizer, cosine_with_warmup, layer_decay_groups
 from ferflow.training.runtime import Runtime, setup_runtime
@@ -128,7 +130,10 @@ def train(
         }
         if rt.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.atomic_write_json(run_dir / RUN_JSON, {**info, "params": dump_params(params), "classes": list(CLASSES)})
+            # What serving must do to an image to give it what training saw (models.inference).
+            preprocess = Preprocess.for_training(entry, size, params.prepare).as_record()
+            ckpt.atomic_write_json(run_dir / RUN_JSON, {**info, "params": dump_params(params), "classes": list(CLASSES),
+                                                        "preprocess": preprocess})
         for cb in callbacks:
             cb.on_train_start(info)
         result = loop.run(run_dir, callbacks)
@@ -151,12 +156,6 @@ def _weights_cache() -> Path:
     from ferflow.data.sources import cache_root
 
     return cache_root() / "weights"
-
-
-def forward_logits(model: nn.Module, images: torch.Tensor):
-    """(logits, raw output): DAN returns (logits, features, heads), timm models logits."""
-    out = model(images)
-    return (out[0] if isinstance(out, tuple) else out), out
 
 
 class _Loop:
@@ -182,8 +181,7 @@ class _Loop:
             self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
         if cfg.compile:
             self.net = torch.compile(self.net)
-        mean, std = zoo.data_config(entry)["mean"], zoo.data_config(entry)["std"]
-        self.normalize = Normalize(mean, std, rt.device)
+        self.normalize = Preprocess.for_entry(entry).normalizer(rt.device)  # validation = inference's
         self.criterion = self._criterion().to(rt.device)
         self.ema = None
         if cfg.ema.enabled:
@@ -392,7 +390,7 @@ class _Loop:
     def _step(self, x, labels, opt, scaler) -> tuple[float, torch.Tensor]:
         def forward_backward():
             with torch.autocast(self.rt.device.type, dtype=self.rt.amp_dtype, enabled=self.rt.amp_dtype is not None):
-                logits, out = forward_logits(self.net, x)
+                logits, out = forward(self.net, x)
                 loss = self._loss(out, labels)
             scaler.scale(loss).backward()
             if self.cfg.grad_clip:
@@ -426,7 +424,7 @@ class _Loop:
             labels = labels.to(self.rt.device, non_blocking=True)
             x = self.normalize(images)
             with torch.autocast(self.rt.device.type, dtype=self.rt.amp_dtype, enabled=self.rt.amp_dtype is not None):
-                logits, _ = forward_logits(model, x)
+                logits, _ = forward(model, x)
             loss_sum += ce(logits.float(), labels)
             cm += torch.bincount(labels * k + logits.argmax(1), minlength=k * k).view(k, k)
         if self.rt.world_size > 1:  # exact: each rank saw a disjoint shard
