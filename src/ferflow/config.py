@@ -141,6 +141,21 @@ class SplitSettings(_Frozen):
 FACE_CROP_SYNTAX = re.compile(r"^(?:none|center:(?P<fraction>[0-9.]+)|detect(?::(?P<fallback>[0-9.]+))?)$")
 
 
+def check_face_crop(spec: str) -> str:
+    """A prepare.face_crop value (none, center:<f>, detect, detect:<f>, fractions in (0, 1]);
+    ValueError otherwise."""
+    spec = spec.strip()
+    m = FACE_CROP_SYNTAX.match(spec)
+    number = m and (m.group("fraction") or m.group("fallback"))
+    try:
+        ok = m is not None and (number is None or 0 < float(number) <= 1)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError("expected none, center:<fraction in (0, 1]>, detect or detect:<fallback fraction in (0, 1]>")
+    return spec
+
+
 class DetectorSettings(_Frozen):
     """MTCNN weights for prepare.face_crop=detect (and mask placement): facenet-pytorch's
     wheel on PyPI, pinned by sha256, downloaded once into the ferflow cache."""
@@ -172,17 +187,7 @@ class PrepareSettings(_Frozen):
     @field_validator("face_crop")
     @classmethod
     def _face_crop(cls, v: str) -> str:
-        v = v.strip()
-        m = FACE_CROP_SYNTAX.match(v)
-        number = m and (m.group("fraction") or m.group("fallback"))
-        try:
-            ok = m is not None and (number is None or 0 < float(number) <= 1)
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError("expected none, center:<fraction in (0, 1]>, detect or "
-                             "detect:<fallback fraction in (0, 1]>")
-        return v
+        return check_face_crop(v)
 
     @model_validator(mode="after")
     def _detector_given(self) -> "PrepareSettings":

@@ -46,16 +46,6 @@ def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Exact output comparisons on one thread: other tests (training with train.threads)
-    change torch's global thread count, and a different count sums in another order."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 @pytest.fixture(scope="module")
 def lookalikes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("lookalikes")

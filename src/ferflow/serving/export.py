@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ferflow.data.sources import sha256_file
 from ferflow.errors import FerflowError
 from ferflow.models.inference import WEIGHTS, Predictor, forward
 from ferflow.models.preprocess import Preprocess
@@ -192,7 +193,7 @@ def export_onnx(predictor: Predictor, out: Path, *, source: str = "", weights_sh
     finally:
         tmp.unlink(missing_ok=True)
     opset_used = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    return Exported(out, file_sha256(out), int(opset_used), diff, props)
+    return Exported(out, sha256_file(out), int(opset_used), diff, props)
 
 
 def check_parity(predictor: Predictor, path: Path, tolerance: float = TOLERANCE,
@@ -319,7 +320,7 @@ def _weights_digest(ref: str, predictor: Predictor, params) -> tuple[Optional[st
     checkpoint digest; else (None) a digest of the tensors."""
     weights = Path(ref).expanduser() / WEIGHTS
     if weights.is_file():
-        return file_sha256(weights), "best.safetensors", {}
+        return sha256_file(weights), "best.safetensors", {}
     match = REGISTRY_REF.match(ref.strip())
     if match is not None:
         from ferflow.tracking import service
@@ -343,14 +344,6 @@ def state_dict_sha256(model: nn.Module) -> str:
         tensor = value.detach().cpu().contiguous().reshape(-1)  # 0-d tensors cannot change dtype view
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
     return digest.hexdigest()
 
 

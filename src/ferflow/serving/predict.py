@@ -23,7 +23,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from ferflow.config import FACE_CROP_SYNTAX, Params
+from ferflow import config
+from ferflow.config import Params
 from ferflow.data.prepare import decode_photo
 from ferflow.errors import ConfigError, FerflowError
 
@@ -107,18 +108,11 @@ def output_format(out: Optional[Path]) -> str:
 
 
 def check_face_crop(spec: str, option: str = "--face-crop") -> str:
-    """prepare.face_crop syntax, with the fractions in (0, 1]."""
-    spec = spec.strip()
-    m = FACE_CROP_SYNTAX.match(spec)
-    number = m and (m.group("fraction") or m.group("fallback"))
+    """prepare.face_crop syntax (config.check_face_crop), as an error naming the option."""
     try:
-        ok = m is not None and (number is None or 0 < float(number) <= 1)
-    except ValueError:
-        ok = False
-    if not ok:
-        raise ConfigError(f"{option} {spec!r}: expected none, center:<fraction in (0, 1]>, detect or "
-                          "detect:<fallback fraction in (0, 1]>")
-    return spec
+        return config.check_face_crop(spec)
+    except ValueError as exc:
+        raise ConfigError(f"{option} {spec.strip()!r}: {exc}") from None
 
 
 def face_detector(face_crop: str, params: Params):

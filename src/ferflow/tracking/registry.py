@@ -19,7 +19,6 @@ with the URI in the message and can be re-run later from the run directory alone
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -45,6 +44,7 @@ from mlflow.models.model import ModelInfo
 from mlflow.types import ColSpec, Schema
 
 from ferflow.config import Params
+from ferflow.data.sources import sha256_file
 from ferflow.errors import FerflowError
 from ferflow.tracking import service
 from ferflow.tracking.service import redact_text, redact_uri
@@ -134,14 +134,6 @@ def _recorded_run_id(run_dir: Path) -> Optional[str]:
     return str(ref["run_id"]) if ref else None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # ---------------------------------------------------------------------------- logging
 
 
@@ -226,7 +218,7 @@ def log_model(run_dir: Path, run_id: Optional[str] = None, engine: str = "torch"
 
 
 def _log_model(client: MlflowClient, run_dir: Path, info: dict, run_id: str, engine: str = "torch") -> ModelInfo:
-    weights_sha256 = _sha256(run_dir / WEIGHTS)
+    weights_sha256 = sha256_file(run_dir / WEIGHTS)
     existing = _find_logged_model(client, run_id, weights_sha256, engine)
     if existing is not None:
         log.info("run %s already holds model %s with these weights; reusing it", run_id, existing.model_id)
@@ -326,7 +318,7 @@ def register(params: Params, dataset: str, run_dir: Path) -> ModelVersion:
         raise FerflowError(f"{run_dir}: trained on {info['dataset']!r}, not {dataset!r}; pass --dataset {info['dataset']}")
     model = str(info["model"])
     on_disk = _evaluation_files(params, dataset, model)
-    weights_sha256 = _sha256(run_dir / WEIGHTS)
+    weights_sha256 = sha256_file(run_dir / WEIGHTS)
     name = params.registry.name_for(dataset)
     hint = f"; nothing was written to {run_dir}: re-run `ferflow register` when MLflow is back"
     client = _client(params, hint)
