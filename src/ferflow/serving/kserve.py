@@ -55,7 +55,6 @@ PREFIX = "ferflow.io/"
 NAME_ROOM = 63 - len("-predictor-00001")
 MIN_MEMORY = 64 * 2**20  # below this the container cannot even import torch
 
-_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 _MODEL_ID = re.compile(r"^models:/(?P<id>m-[0-9a-f]+)/?$")
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -151,7 +150,9 @@ class Manifest:
 
 def parse_ref(ref: str) -> tuple[str, Optional[str], Optional[str]]:
     """(name, alias, version) of models:/<name>@<alias> or models:/<name>/<version>."""
-    match = _REF.match(ref.strip())
+    from ferflow.serving.reference import REGISTRY_REF  # lazily: it imports torch, the CLI starts without
+
+    match = REGISTRY_REF.match(ref.strip())
     if match is None:
         raise ManifestError(f"model reference {ref!r}: expected models:/<name>@<alias> or models:/<name>/<version> "
                             "(KServe serves registered versions; run directories and zoo names have no storageUri)")
@@ -165,25 +166,15 @@ def resolve(params, ref: str) -> RegisteredVersion:
     import requests
     from mlflow.exceptions import MlflowException
 
+    from ferflow.serving.reference import find_version
     from ferflow.tracking import service
 
     name, alias, number = parse_ref(ref)
     client = service.configure(params)  # the tracking URI rules of every registry command
     where = service.redact_uri(service.current_tracking_uri() or "")
     try:
-        model = _registered_model(client, ref, name, where)
-        if alias is not None:
-            if alias not in model.aliases:
-                known = ", ".join(f"{a} (v{v})" for a, v in sorted(model.aliases.items())) or "none"
-                raise ManifestError(f"model reference {ref!r}: {name} has no alias {alias!r} at {where} "
-                                    f"(aliases: {known})")
-            number = str(model.aliases[alias])
-        try:
-            version = client.get_model_version(name, number)
-        except MlflowException as exc:
-            if not _not_found(exc):
-                raise
-            raise ManifestError(f"model reference {ref!r}: {name} has no version {number} at {where}") from None
+        model, version = find_version(client, ref, name, alias, number, where)
+        number = str(version.version)
         status = str(getattr(version, "status", "READY") or "READY")
         if status != "READY":
             raise ManifestError(f"model reference {ref!r}: {name} version {number} is {status}, not READY")
@@ -202,26 +193,6 @@ def resolve(params, ref: str) -> RegisteredVersion:
         model_id=getattr(version, "model_id", None) or (source_id["id"] if source_id else None),
         location=str(location), run_id=version.run_id, weights_sha256=tags.get("model.weights_sha256"),
         engine=tags.get("serve.engine"), tracking_uri=where)
-
-
-def _registered_model(client, ref: str, name: str, where: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_registered_model(name)
-    except MlflowException as exc:
-        if not _not_found(exc):
-            raise
-    try:
-        names = sorted(m.name for m in client.search_registered_models(max_results=20))
-    except MlflowException:
-        names = []
-    raise ManifestError(f"model reference {ref!r}: no registered model named {name!r} at {where}"
-                        + (f" (registered: {', '.join(names)})" if names else ""))
-
-
-def _not_found(exc) -> bool:
-    return getattr(exc, "error_code", None) in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
 
 
 # ---------------------------------------------------------------------------- storage

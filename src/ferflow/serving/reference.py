@@ -94,7 +94,7 @@ def _load_registered(ref: str, params: Params, device: torch.device) -> inferenc
     uri = service.current_tracking_uri() or ""
     where = service.redact_uri(uri)
     with _mlflow_errors(ref, where):
-        version = _find_version(client, ref, m.group("name"), m.group("alias"), m.group("version"), where)
+        _, version = find_version(client, ref, m.group("name"), m.group("alias"), m.group("version"), where)
         folder = _download(ref, version, uri)
     try:
         return inference.load_files(folder / inference.WEIGHTS, folder / inference.RUN_JSON, device)
@@ -103,15 +103,22 @@ def _load_registered(ref: str, params: Params, device: torch.device) -> inferenc
                             f"load: {_why(exc)}") from None
 
 
-def _find_version(client, ref: str, name: str, alias: str | None, number: str | None, where: str):
+def find_version(client, ref: str, name: str, alias: str | None, number: str | None, where: str):
+    """(registered model, version) that `ref` names (by alias or number): ModelRefError
+    (exit 2) naming what is missing; other MLflow errors pass through."""
     from mlflow.exceptions import MlflowException
 
     try:
         model = client.get_registered_model(name)
     except MlflowException as exc:
-        if _not_found(exc):
-            raise ModelRefError(f"model reference {ref!r}: no registered model named {name!r} at {where}") from None
-        raise
+        if not _not_found(exc):
+            raise
+        try:
+            names = sorted(m.name for m in client.search_registered_models(max_results=20))
+        except MlflowException:
+            names = []
+        raise ModelRefError(f"model reference {ref!r}: no registered model named {name!r} at {where}"
+                            + (f" (registered: {', '.join(names)})" if names else "")) from None
     if alias is not None:
         if alias not in model.aliases:
             known = ", ".join(f"{a} (v{v})" for a, v in sorted(model.aliases.items())) or "none"
@@ -119,7 +126,7 @@ def _find_version(client, ref: str, name: str, alias: str | None, number: str | 
                                 f"(aliases: {known})")
         number = str(model.aliases[alias])
     try:
-        return client.get_model_version(name, number)
+        return model, client.get_model_version(name, number)
     except MlflowException as exc:
         if _not_found(exc):
             raise ModelRefError(f"model reference {ref!r}: {name} has no version {number} at {where}") from None
