@@ -34,11 +34,12 @@ from ferflow.models import inference, zoo
 from ferflow.models.preprocess import Preprocess
 from ferflow.serving import export
 
+from .conftest import MLFLOW_ENV
+
 REPO = Path(__file__).resolve().parents[2]
 DATASET, MODEL, SIZE = "LFW-FER", "demo_tiny", 48
 STANDIN = REPO.parent / "shared" / "datasets" / "lfw-emotion-standin" / "LFW-FER.zip"
 FER7 = REPO.parent / "shared" / "models" / "fer7-b0-112"
-MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
 
 pytestmark = pytest.mark.slow
 
@@ -77,18 +78,6 @@ def ws(tmp_path_factory):
         result = stages.train(params, DATASET, MODEL)
         stages.evaluate(params, DATASET, MODEL, [DATASET])
     return root, params_file, params, result.run_dir
-
-
-@pytest.fixture(autouse=True)
-def isolation(monkeypatch, tmp_path):
-    for key in MLFLOW_ENV:
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("FERFLOW_CACHE", str(tmp_path / "cache"))
-    yield
-    from ferflow.tracking import service
-
-    service.reset()
-    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture(scope="module")

@@ -31,13 +31,11 @@ from ferflow.serving import kserve
 from ferflow.tracking import registry, service
 from tracking.test_serving import DATASET, face_jpeg, fabricated_run, post, stop_group, wait_ready
 
+from .conftest import MLFLOW_ENV
+
 BIN = Path(sys.executable).parent
 PROBS = [f"p_{c}" for c in CLASSES]
 PORTRAIT = Path(matplotlib.__file__).parent / "mpl-data" / "sample_data" / "grace_hopper.jpg"
-MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_HTTP_REQUEST_TIMEOUT",
-              "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
-              "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME",
-              "MLFLOW_S3_ENDPOINT_URL", "FERFLOW_ARTIFACTS_DESTINATION")
 S3_BUCKET = "ferflow-kserve"
 PROXY_DESTINATION = "s3://ferflow-mlflow/artifacts"  # tests/conftest.py's server --artifacts-destination
 
@@ -98,16 +96,6 @@ def proxied(tmp_path_factory, mlflow_server):
         finally:
             service.reset()
     return write_params(params, root / "params.yaml"), name
-
-
-@pytest.fixture(autouse=True)
-def isolation(monkeypatch, tmp_path):
-    """No MLflow state in or out; a registry download cache of each test's own."""
-    for key in MLFLOW_ENV:
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("FERFLOW_CACHE", str(tmp_path / "cache"))
-    yield
-    service.reset()
 
 
 @pytest.fixture

@@ -24,14 +24,13 @@ from ferflow import cli, stages
 from ferflow.config import load_params
 from ferflow.labels import CLASSES
 
+from .conftest import MLFLOW_ENV
+
 REPO = Path(__file__).resolve().parents[2]
 DATASET, MODEL = "LFW-FER", "demo_tiny"
 WHEEL = REPO / ".venv" / "assets" / "facenet_pytorch-2.6.0-py3-none-any.whl"
 PORTRAIT = Path(matplotlib.__file__).parent / "mpl-data" / "sample_data" / "grace_hopper.jpg"
 PROBS = [f"p_{c}" for c in CLASSES]
-MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_HTTP_REQUEST_TIMEOUT",
-              "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
-              "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
 
 pytestmark = pytest.mark.slow
 
@@ -80,18 +79,6 @@ def ws(tmp_path_factory):
         finally:
             service.reset()
     return root, params_file, params
-
-
-@pytest.fixture(autouse=True)
-def isolation(monkeypatch, tmp_path):
-    """A cache of its own per test (registry downloads), no MLflow state leaking out."""
-    for key in MLFLOW_ENV:
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("FERFLOW_CACHE", str(tmp_path / "cache"))
-    yield
-    from ferflow.tracking import service
-
-    service.reset()
 
 
 def ferflow(capsys, *args) -> tuple[int, str, str]:
