@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from ferflow.errors import FerflowError
 from ferflow.labels import CLASSES
 from ferflow.models.preprocess import Preprocess
+from ferflow.training.checkpoint import BEST as WEIGHTS, RUN_JSON, load_weights
 
-RUN_JSON, WEIGHTS = "run.json", "best.safetensors"
 
 
 def forward(model: nn.Module, images: Tensor) -> tuple[Tensor, Any]:
@@ -91,7 +91,6 @@ def load_files(weights: Path, run_json: Path, device: torch.device) -> Predictor
     """A fine-tuned model from its weights and run.json (wherever they sit: a run directory,
     a registered version's artifacts)."""
     from ferflow.models import zoo
-    from ferflow.training.checkpoint import load_weights
 
     info = json.loads(Path(run_json).read_text(encoding="utf-8"))
     entry = zoo.resolve(info["model"])

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 BEST = "best.safetensors"
+RUN_JSON = "run.json"  # what was trained (trainer) and how to feed it (models.inference)
 LAST = "last.pt"
 HISTORY_JSON = "history.json"
 HISTORY_CSV = "history.csv"

@@ -41,7 +41,7 @@ from ferflow.training.optim import build_optimizer, cosine_with_warmup, layer_de
 from ferflow.training.runtime import Runtime, setup_runtime
 
 log = logging.getLogger(__name__)
-RUN_JSON = "run.json"
+RUN_JSON = ckpt.RUN_JSON
 TRAIN_METRICS = "train_metrics.json"
 
 
