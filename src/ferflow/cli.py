@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ferflow import __version__, stages
 from ferflow.config import Params, load_params
 from ferflow.errors import ConfigError, FerflowError
+from ferflow.redact import install_log_filter, redact_text
 from ferflow.pipeline.cli import pipeline_app
 
 app = typer.Typer(
@@ -48,6 +51,7 @@ def _load(params: Path, overrides: Optional[list[str]], verbose: bool) -> Params
     if verbose:
         _state["verbose"] = True
         logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+        install_log_filter()  # debug lines of urllib3 & co. carry query strings
     return load_params(params, overrides or [])
 
 
@@ -407,12 +411,13 @@ app.add_typer(serve_app, name="serve")
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: user errors become one line on stderr and a non-zero exit."""
+    install_log_filter()
     try:
         app(args=argv)  # click's standalone mode handles usage errors and exits itself
     except FerflowError as exc:
         if _state["verbose"]:
-            console.print_exception()
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            console.print(redact_text(traceback.format_exc()), highlight=False, markup=False)
+        console.print(f"[bold red]error:[/] {escape(redact_text(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
 
 

@@ -25,7 +25,8 @@ from typing import Iterable, Mapping, Optional, Union
 import yaml
 
 from ferflow.config import ArchiveSpec, FetchSettings
-from ferflow.data.sources import download, redact
+from ferflow.data.sources import download
+from ferflow.redact import redact_uri
 from ferflow.errors import FerflowError
 
 log = logging.getLogger(__name__)
@@ -108,8 +109,8 @@ def fetch_pinned(specs: Iterable[ArchiveSpec], lock: Lock, remote: str, dest_dir
         try:
             download(uri, dest, settings, expected_sha256=spec.sha256)
         except FerflowError as exc:
-            log.warning("%s: pinned DVC object %s not fetched (%s); using %s", spec.name, redact(uri), exc,
-                        redact(spec.uri))
+            log.warning("%s: pinned DVC object %s not fetched (%s); using %s", spec.name, redact_uri(uri), exc,
+                        redact_uri(spec.uri))
             continue
         log.info("%s: fetched md5 %s from the DVC remote", spec.name, pin.md5)
         fetched.append(spec.name)

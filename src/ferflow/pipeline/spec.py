@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -25,12 +26,15 @@ import yaml
 
 from ferflow.config import load_params, read_yaml
 from ferflow.errors import FerflowError
+from ferflow.redact import redact_tree
 from ferflow.pipeline import configured_image
 from ferflow.pipeline.glue import matrix
 
 PIPELINE_FILE = Path("pipelines/ferflow_pipeline.py")
 DEFAULT_OUT = Path("pipelines/ferflow.yaml")
 DVC_CONFIG = Path(".dvc/config")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -113,12 +117,17 @@ class PipelineDefaults:
         params_path = Path(params_file) if params_file else repo / "params.yaml"
         params = load_params(params_path)
         train = params.require_train()
+        # The compiled file is committed and shared: URIs go in with their credentials masked
+        # (a masked archive URI fails its fetch with a message saying how to pass the real one).
+        base = _redacted(read_yaml(params_path), params_path)
+        archives = redact_tree({n: src.model_dump(mode="json", exclude_none=True)
+                                for n, src in params.data.archives.items()})
         return cls(
             # One line of JSON (valid YAML): KFP 2.17 writes string defaults into the YAML's
             # comment header verbatim, and a multi-line one breaks the file; a struct
             # default cannot hold the file's nulls.
-            base_params=json.dumps(read_yaml(params_path), separators=(",", ":")),
-            archives={n: src.model_dump(mode="json", exclude_none=True) for n, src in params.data.archives.items()},
+            base_params=json.dumps(base, separators=(",", ":")),
+            archives=archives,
             datasets=list(train.datasets),
             models=list(train.models),
             matrix=matrix(train.datasets, train.models),
@@ -127,6 +136,27 @@ class PipelineDefaults:
             dvc_lock=read_dvc_lock(dvc_lock if dvc_lock is None or dvc_lock.is_absolute() else repo / dvc_lock),
             dvc_remote=dvc_remote if dvc_remote is not None else read_dvc_remote(repo),
         )
+
+
+def _redacted(tree: dict, origin: Path) -> dict:
+    clean = redact_tree(tree)
+    masked = [key.lstrip(".") for key in _changed(tree, clean, "")]
+    if masked:
+        log.warning("%s: credentials in %s were masked in the compiled pipeline; pass those URIs at run time "
+                    "(pipeline parameters) or serve the archives from the DVC remote", origin, ", ".join(masked))
+    return clean
+
+
+def _changed(before, after, key: str):
+    """Dotted keys whose values differ between two trees of the same shape."""
+    if isinstance(before, dict):
+        for name, value in before.items():
+            yield from _changed(value, after[name], f"{key}.{name}")
+    elif isinstance(before, list):
+        for i, (old, new) in enumerate(zip(before, after)):
+            yield from _changed(old, new, f"{key}.{i}")
+    elif before != after:
+        yield key
 
 
 def read_dvc_lock(path: Optional[Path]) -> dict:

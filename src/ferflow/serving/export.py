@@ -353,7 +353,7 @@ def _slug(ref: str) -> str:
 
 
 def _redact(ref: str) -> str:
-    from ferflow.tracking.service import redact_uri
+    from ferflow.redact import redact_uri
 
     return redact_uri(str(ref))
 

@@ -244,7 +244,7 @@ def check_storage(storage_uri: str, version: RegisteredVersion) -> None:
             path = mlflow.artifacts.download_artifacts(artifact_uri=storage_uri + "MLmodel", dst_path=tmp)
             mlmodel = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except Exception as exc:  # noqa: BLE001 - boto3/GCS/MLflow errors: one message naming the URI
-            from ferflow.tracking.service import redact_text
+            from ferflow.redact import redact_text
 
             raise FerflowError(f"--check-storage: cannot read {storage_uri}MLmodel ({redact_text(_first_line(exc))}); "
                                "KServe's storage initializer would find no model there either") from None
@@ -342,7 +342,7 @@ def build(version: RegisteredVersion, options: ServeOptions, storage_uri: str) -
 
 
 def _redact(uri: str) -> str:
-    from ferflow.tracking.service import redact_uri
+    from ferflow.redact import redact_uri
 
     return redact_uri(uri)
 

@@ -210,7 +210,7 @@ def _mlflow_errors(ref: str, where: str) -> Iterator[None]:
     import requests
     from mlflow.exceptions import MlflowException
 
-    from ferflow.tracking.service import redact_text
+    from ferflow.redact import redact_text
 
     try:
         yield

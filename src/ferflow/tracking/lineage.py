@@ -24,7 +24,7 @@ import yaml
 from ferflow import __version__
 from ferflow.config import Params
 from ferflow.errors import FerflowError
-from ferflow.tracking.service import redact_uri
+from ferflow.redact import redact_uri
 
 if TYPE_CHECKING:
     from mlflow.data.pandas_dataset import PandasDataset

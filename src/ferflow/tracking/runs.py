@@ -37,7 +37,8 @@ import yaml
 from ferflow.config import Params, dump_params
 from ferflow.errors import FerflowError
 from ferflow.tracking import service
-from ferflow.tracking.service import describe_error, redact_text, redact_uri
+from ferflow.redact import redact_text, redact_tree, redact_uri
+from ferflow.tracking.service import describe_error
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -76,15 +77,6 @@ def _number(value: Any) -> Optional[float]:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value)
-
-
-def redact_tree(obj: Any) -> Any:
-    """The same JSON-like tree with every string passed through `redact_text`."""
-    if isinstance(obj, dict):
-        return {k: redact_tree(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [redact_tree(v) for v in obj]
-    return redact_text(obj) if isinstance(obj, str) else obj
 
 
 def flatten_params(tree: dict, prefix: str = "") -> dict[str, str]:
