@@ -61,3 +61,54 @@ def test_parent_run_exports_its_id_to_the_command(tmp_path):
 
     run = mlflow.MlflowClient(db).get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "dag-test"
+
+
+def _tree(root):
+    return {p for p in Path(root).rglob("*")}
+
+
+def test_hostile_dataset_and_model_names_are_refused_before_any_path_is_built(tmp_path):
+    """Names from the command line are checked against data.archives and the zoo: `../`
+    never becomes a directory, wherever the name would have been used."""
+    cwd = tmp_path / "a" / "b" / "c"
+    cwd.mkdir(parents=True)
+    params = cwd / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    run_dir = cwd / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text("{}")
+    before = _tree(tmp_path)
+    db = ["--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    cases = [
+        (["register", "-d", "LFW-FER", "-m", "../../../X", "--run-dir", str(run_dir), *db], "../../../X"),
+        (["register", "-d", "../../../X", "-m", "demo_tiny", "--run-dir", str(run_dir), *db], "../../../X"),
+        (["register", "-d", "LFW-FER", "-m", " demo_tiny", "--run-dir", str(run_dir), *db], "' demo_tiny'"),
+        (["evaluate", "-d", "LFW-FER", "-m", "demo_tiny", "--on", "../../etc"], "../../etc"),
+        (["evaluate", "--zero-shot", "-m", "../x"], "../x"),
+        (["train", "-d", "../x", "-m", "demo_tiny"], "../x"),
+        (["prepare", "-d", "../x"], "../x"),
+        (["promote", "-d", "../../x", *db], "../../x"),
+    ]
+    for args, name in cases:
+        result = ferflow(*args, cwd=cwd)
+        assert result.returncode == 2, (args, result.stderr)
+        assert name in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+    assert _tree(tmp_path) == before  # nothing written anywhere, inside the workspace or above it
+
+
+def test_kfp_task_names_are_checked_too():
+    import pytest
+
+    from ferflow.config import load_params
+    from ferflow.errors import ConfigError
+    from ferflow.pipeline import glue
+
+    params = load_params(REPO / "params.yaml")
+    with pytest.raises(ConfigError, match=r"'\.\./x'"):
+        glue.prepare_at(params, ["../x"], "demo_tiny")
+    with pytest.raises(ConfigError, match=r"'\.\./x'"):
+        glue.prepare_at(params, ["LFW-FER"], "../x")
+    with pytest.raises(ConfigError, match=r"'\.\./x'"):
+        glue.run_dir(params, "LFW-FER", "../x")
+    with pytest.raises(ConfigError, match=r"'\.\./x'"):
+        glue.fetch_archives(params, ["../x"])

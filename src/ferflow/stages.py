@@ -9,7 +9,35 @@ from typing import Iterable, Iterator, Optional
 import yaml
 
 from ferflow.config import ArchiveSpec, Params, apply_override, dump_params, parse_override, validate
-from ferflow.errors import FerflowError
+from ferflow.errors import ConfigError, FerflowError
+
+
+def check_names(params: Params, datasets: Iterable[str] = (), models: Iterable[str] = ()) -> None:
+    """Every dataset and model name that arrives from the CLI or a KFP task, checked against
+    data.archives/data.unions and the zoo before any path is built from it (so `../x` never
+    becomes a directory)."""
+    check_datasets(params, datasets)
+    check_models(models)
+
+
+def check_datasets(params: Params, names: Iterable[str]) -> None:
+    for name in names:
+        params.data.check_dataset(name)
+
+
+def check_models(names: Iterable[str]) -> None:
+    names = list(names)
+    if not names:
+        return
+    from ferflow.models import zoo
+
+    for name in names:
+        try:
+            entry = zoo.resolve(name)
+        except FerflowError as exc:
+            raise ConfigError(str(exc)) from None
+        if entry.name != name:  # " demo_tiny" resolves, but would name another folder
+            raise ConfigError(f"model name {name!r}: use {entry.name!r}")
 
 
 def select_archives(params: Params, names: Optional[Iterable[str]]) -> list[ArchiveSpec]:
@@ -34,8 +62,10 @@ def prepare(params: Params, names: Optional[Iterable[str]] = None):
     from ferflow.data.union import prepare_union
 
     data = params.data
+    names = list(names or data.archives)
+    check_datasets(params, names)
     results = []
-    for name in list(names or data.archives):
+    for name in names:
         if name in data.unions:
             members = [data.archive(m) for m in data.members(name)]
             results.append(prepare_union(name, members, data.raw_dir, data.prepared_dir, params.prepare, params.fetch))
@@ -51,6 +81,7 @@ def synthesize_masks(params: Params, dataset: str, out: Path, styles=None, colou
     from ferflow.data.masks import COLOURS, STYLES
     from ferflow.data.synthesize import synthesize_masks as synthesize
 
+    check_datasets(params, [dataset])
     return synthesize(params.data.archive(dataset), params.data.raw_dir, Path(out), params.prepare, params.fetch,
                       styles or STYLES, colours or COLOURS, seed, placement, tuple(face_box), face_cut)
 
@@ -126,6 +157,7 @@ def train(params: Params, dataset: str, model: str, callbacks=()):
     recorded in MLflow when `tracking.enabled`."""
     from ferflow.training.trainer import train as train_model
 
+    check_names(params, [dataset], [model])
     with tracking_session(params, dataset, model) as tracker:
         all_callbacks = [*callbacks, tracker] if tracker is not None else list(callbacks)
         return train_model(params, dataset, model, callbacks=all_callbacks)
@@ -137,6 +169,7 @@ def evaluate(params: Params, dataset: str, model: str, eval_datasets: Optional[I
     from ferflow.evaluation.evaluate import evaluate_run
     from ferflow.training.trainer import run_dir_for
 
+    check_names(params, [dataset, *(eval_datasets or [])], [model])
     run_dir = run_dir_for(params, dataset, model)
     tracked = params.tracking.enabled and (run_dir / "mlflow_run.json").is_file()
     if tracked:  # fail before computing anything when the server is down
@@ -156,6 +189,7 @@ def zero_shot(params: Params, model: str, eval_datasets: Optional[Iterable[str]]
     """The pretrained expression head mapped to 3 classes: the 'before fine-tuning' row."""
     from ferflow.evaluation.evaluate import evaluate_zero_shot
 
+    check_names(params, eval_datasets or [], [model])
     return evaluate_zero_shot(params, model, eval_datasets)
 
 
@@ -180,6 +214,7 @@ def register(params: Params, dataset: str, model: str, run_dir: Optional[Path] =
     from ferflow.training.checkpoint import atomic_write_json
     from ferflow.training.trainer import run_dir_for
 
+    check_names(params, [dataset], [model])
     version = register_version(params, dataset, Path(run_dir) if run_dir else run_dir_for(params, dataset, model))
     atomic_write_json(params.registry.records_dir / dataset / f"{model}.json", {
         "name": version.name, "version": str(version.version), "run_id": version.run_id,
@@ -196,6 +231,7 @@ def promote(params: Params, dataset: str, metric: Optional[str] = None, min_delt
 
     from ferflow.training.checkpoint import atomic_write_json
 
+    check_datasets(params, [dataset])
     name = params.registry.name_for(dataset)
     if rollback:
         decision = registry.rollback(params, name)

@@ -38,6 +38,7 @@ import yaml
 
 from ferflow.config import Params, apply_override, dump_params, load_params, parse_override, validate
 from ferflow.errors import ConfigError, FerflowError
+from ferflow.redact import install_log_filter
 
 RUN_ID_ENV = "KFP_RUN_ID"  # read by ferflow.tracking.lineage into the `kfp.run_id` tag
 # A pod's run id, read by Kubernetes into RUN_ID_ENV: the label the KFP backend puts on
@@ -103,6 +104,9 @@ def resolve_config(
         keys, value = parse_override(text)
         apply_override(tree, keys, value, origin=f"overrides: {text}")
     params = validate(tree, origin="pipeline parameters")
+    from ferflow import stages
+
+    stages.check_names(params, params.require_train().datasets, params.require_train().models)
     if pairs is not None:
         _check_pairs(params, pairs)
     return yaml.safe_dump(dump_params(params), sort_keys=False)
@@ -169,6 +173,7 @@ def workspace(
         raise ValueError(f"unknown artifact roles {sorted(unknown)}; known: {sorted(PATH_KEYS)}")
     # Task logs are what a KFP user reads; the stages report progress through logging.
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    install_log_filter()
     launch = Path.cwd()
     work = os.environ.get(WORK_DIR_ENV, "").strip()
     root = Path(tempfile.mkdtemp(prefix="ferflow-task-", dir=work if work and Path(work).is_dir() else None))
@@ -241,6 +246,7 @@ def fetch_archives(params: Params, names: Iterable[str], dvc_lock: Optional[Mapp
     from ferflow.data.dvc_remote import check_pins, fetch_pinned
 
     names = list(names)
+    stages.check_names(params, names)
     specs = [params.data.archive(n) for n in names]
     pinned = fetch_pinned(specs, dvc_lock or {}, dvc_remote, params.data.raw_dir, params.fetch)
     stages.fetch(params, names)
@@ -254,6 +260,8 @@ def prepare_at(params: Params, datasets: Iterable[str], model: str) -> int:
     from ferflow import stages
     from ferflow.models import zoo
 
+    datasets = list(datasets)
+    stages.check_names(params, datasets, [model])
     size = zoo.input_size(model, params.require_train().input_size)
     prepare = params.prepare.model_copy(update={"image_sizes": [size]})
     stages.prepare(params.model_copy(update={"prepare": prepare}), list(datasets))
@@ -262,8 +270,10 @@ def prepare_at(params: Params, datasets: Iterable[str], model: str) -> int:
 
 def run_dir(params: Params, dataset: str, model: str) -> Path:
     """Where the train stage puts (and register reads) a run directory."""
+    from ferflow import stages
     from ferflow.training.trainer import run_dir_for
 
+    stages.check_names(params, [dataset], [model])
     return run_dir_for(params, dataset, model)
 
 
