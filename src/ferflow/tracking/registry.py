@@ -47,7 +47,7 @@ from ferflow.config import Params
 from ferflow.data.sources import sha256_file
 from ferflow.errors import FerflowError
 from ferflow.tracking import service
-from ferflow.tracking.service import redact_text, redact_uri
+from ferflow.redact import redact_text, redact_tree, redact_uri
 from ferflow.tracking.runs import EVAL_KEYS
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ ONNX_PATH_TAG, ONNX_SHA_TAG, ONNX_OPSET_TAG = "model.onnx.path", "model.onnx.sha
 ENGINE_TAG = "serve.engine"
 
 MAX_TAG_VALUE = 5000  # MLflow's limit for model version tag values
+# A second job registering the same model waits for the first's ONNX export and logging.
+_REGISTER_LOCK_TIMEOUT_S = 1800.0
 # What the served model imports (the bundled ferflow code included), pinned to this
 # environment so `mlflow models serve --env-manager virtualenv` rebuilds the same one.
 REQUIREMENTS = ("torch", "torchvision", "timm", "safetensors", "pillow", "numpy", "pandas", "mlflow",
@@ -238,7 +240,7 @@ def _log_model(client: MlflowClient, run_dir: Path, info: dict, run_id: str, eng
         return Model.log(
             artifact_path=None, name=LOGGED_MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id,
             python_model=str(MODEL_CODE),
-            artifacts={**_model_artifacts(run_dir, info), "onnx": str(onnx.path)},
+            artifacts={**_model_artifacts(run_dir, info, Path(tmp)), "onnx": str(onnx.path)},
             code_paths=[code], signature=_signature(), input_example=_input_example(),
             pip_requirements=_requirements(), model_config={"engine": engine},
         )
@@ -258,10 +260,15 @@ def _export_onnx(run_dir: Path, weights_sha256: str, run_id: str, out: Path):
         raise FerflowError(f"{run_dir}: not registered, every version carries its model.onnx: {exc}") from exc
 
 
-def _model_artifacts(run_dir: Path, info: dict) -> dict[str, str]:
+def _model_artifacts(run_dir: Path, info: dict, staging: Path) -> dict[str, str]:
     """Weights and run.json; the face detector's weights too when the run was trained on
-    detector crops, so the served model crops its inputs the same way."""
-    artifacts = {"weights": str(run_dir / WEIGHTS), "run_json": str(run_dir / RUN_JSON)}
+    detector crops, so the served model crops its inputs the same way.
+
+    run.json is logged as a redacted copy: a run directory written by an older ferflow may
+    still hold archive or weights URIs with credentials in them."""
+    run_json = staging / RUN_JSON
+    run_json.write_text(json.dumps(redact_tree(info), indent=2), encoding="utf-8")
+    artifacts = {"weights": str(run_dir / WEIGHTS), "run_json": str(run_json)}
     if str((info.get("preprocess") or {}).get("face_crop", "none")).startswith("detect"):
         from ferflow.config import validate
         from ferflow.data.faces import detector_weights
@@ -305,8 +312,12 @@ def register(params: Params, dataset: str, run_dir: Path) -> ModelVersion:
     """Register the model of `run_dir` (trained on `dataset`) as a new version with lineage
     and evaluation tags and a model card, and point `challenger` at it.
 
-    Idempotent: a version with the same weights evaluated on the same data is returned
-    as it is. The MLflow run is the one recorded in the run directory; when it cannot be
+    Idempotent per registration: a version of the same training run (the MLflow run the run
+    directory records, else the run directory itself) with the same weights, evaluated on
+    the same data, in the same DVC trial (or none) is returned as it is, also when two jobs
+    register at once (`_registering`). Another run with equal weights (a `dvc exp run`
+    trial that ended where the baseline did) gets its own version: a version's tags are
+    one run's lineage and trial. The MLflow run is the one recorded in the run directory; when it cannot be
     found (another server, deleted) a new run is created in `tracking.experiment` and
     tagged `ferflow.registered_from_run_dir`. Evaluation comes from the evaluate stage's
     files (`evaluate.out_dir`), else from the run's `eval_*` metrics.
@@ -322,18 +333,19 @@ def register(params: Params, dataset: str, run_dir: Path) -> ModelVersion:
     name = params.registry.name_for(dataset)
     hint = f"; nothing was written to {run_dir}: re-run `ferflow register` when MLflow is back"
     client = _client(params, hint)
-    with _mlflow_errors(f"registering {run_dir} as {name}", hint):
+    key = _RegistrationKey.of(run_dir, weights_sha256)
+    with _mlflow_errors(f"registering {run_dir} as {name}", hint), _registering(name):
         if on_disk is not None:  # checked before a stand-in run is made for nothing
-            existing = _same_version(client, name, {WEIGHTS_TAG: weights_sha256, **on_disk.tags})
+            existing = _same_version(client, name, key, on_disk.tags)
             if existing is not None:
-                log.info("%s version %s already holds these weights with this evaluation", name, existing.version)
+                log.info("%s version %s already holds this run's weights with this evaluation", name, existing.version)
                 return _complete(client, existing)
         run = _source_run(client, params, dataset, run_dir, info, on_disk)
         evaluation = on_disk or _evaluation_from_run(run, dataset, model)
         tags = _version_tags(params, info, dataset, run_dir, run, evaluation, weights_sha256)
-        existing = _same_version(client, name, tags)
+        existing = _same_version(client, name, key, tags)
         if existing is not None:
-            log.info("%s version %s already holds these weights with this evaluation; not registering again",
+            log.info("%s version %s already holds this run's weights with this evaluation; not registering again",
                      name, existing.version)
             return _complete(client, existing)
         model_info = _log_model(client, run_dir, info, run.info.run_id, params.serve.engine)
@@ -345,9 +357,44 @@ def register(params: Params, dataset: str, run_dir: Path) -> ModelVersion:
             name, source=model_info.model_uri, run_id=run.info.run_id, tags=tags,
             description=model_card(name, info, dataset, tags, evaluation), model_id=model_info.model_id,
         )
+        first = _same_version(client, name, key, tags)
+        if first is not None and str(first.version) != str(version.version):
+            # Another job registered the same between our check and our create (only without
+            # the lock: tracking servers). Version numbers grow in creation order, so of two
+            # such jobs only the later sees the other's and withdraws its own.
+            _withdraw(client, version, model_info.model_id, first)
+            log.info("%s version %s was registered from this run at the same time; using it", name, first.version)
+            return _complete(client, first)
         client.set_registered_model_alias(name, CHALLENGER, version.version)
         log.info("registered %s version %s (alias %s)", name, version.version, CHALLENGER)
         return client.get_model_version(name, version.version)
+
+
+@contextmanager
+def _registering(name: str) -> Iterator[None]:
+    """Serialise check-then-register of `name` between jobs on one embedded sqlite store,
+    with a lock beside its database (held through the model's logging: a second job waits,
+    then finds the first's version). Tracking servers get no lock (none spans hosts):
+    `register` re-checks after creating its version instead."""
+    from ferflow.locks import file_lock, lock_name
+
+    path = service.store_lock_path(service.current_tracking_uri() or "", "register-" + lock_name(name))
+    if path is None:
+        yield
+        return
+    with file_lock(path, f"registering {name}", _REGISTER_LOCK_TIMEOUT_S):
+        yield
+
+
+def _withdraw(client: MlflowClient, version: ModelVersion, model_id: str, kept: ModelVersion) -> None:
+    """Delete a duplicate version, and the model logged for it unless `kept` uses it too."""
+    client.delete_model_version(version.name, version.version)
+    # Versions made from a logged model have source models:/<model_id> (their model_id is unset).
+    if model_id not in (getattr(kept, "model_id", None), str(kept.source).rsplit("/", 1)[-1]):
+        try:
+            client.delete_logged_model(model_id)
+        except MlflowException as exc:  # a leftover model in the run is untidy, not wrong
+            log.warning("could not delete duplicate logged model %s: %s", model_id, service.describe_error(exc))
 
 
 def _complete(client: MlflowClient, version: ModelVersion) -> ModelVersion:
@@ -407,10 +454,41 @@ def _ensure_registered_model(client: MlflowClient, name: str, dataset: str) -> N
             raise
 
 
-def _same_version(client, name: str, tags: dict) -> Optional[ModelVersion]:
-    key = ("model.weights_sha256", "eval.manifest_sha256", "eval.split")
+@dataclass(frozen=True)
+class _RegistrationKey:
+    """What makes two registrations the same, besides the evaluation data: the training
+    run, the weights, the DVC trial (tags as `_version_tags` writes them)."""
+
+    weights_sha256: str
+    run_id: Optional[str]  # recorded in the run directory (mlflow_run.json)
+    run_dir: str  # stands for the run when none is recorded
+    experiment: str  # dvc.experiment, "" outside a trial
+
+    @classmethod
+    def of(cls, run_dir: Path, weights_sha256: str) -> "_RegistrationKey":
+        return cls(weights_sha256, _recorded_run_id(run_dir), _tag_text(Path(run_dir).resolve()),
+                   _tag_text(dvc_experiment()))
+
+    def matches(self, version: ModelVersion, evaluation_tags: dict) -> bool:
+        tags = version.tags
+        if tags.get(WEIGHTS_TAG) != self.weights_sha256 or tags.get(EXPERIMENT_TAG, "") != self.experiment:
+            return False
+        if any(tags.get(k) != evaluation_tags.get(k) for k in ("eval.manifest_sha256", "eval.split")):
+            return False
+        if self.run_id is not None:  # that run, or the stand-in made when it was missing
+            return self.run_id in (tags.get("source_run_id"), tags.get("ferflow.original_run_id"))
+        return tags.get("ferflow.original_run_id") == "none" and tags.get("ferflow.run_dir") == self.run_dir
+
+
+def _tag_text(value) -> str:
+    """A value as it is stored in a version tag (`_version_tags`)."""
+    return redact_text(str(value))[:MAX_TAG_VALUE]
+
+
+def _same_version(client, name: str, key: _RegistrationKey, evaluation_tags: dict) -> Optional[ModelVersion]:
+    """The first (lowest) version registered for `key` evaluated like `evaluation_tags`."""
     for version in _versions(client, name):
-        if all(version.tags.get(k) == tags.get(k) for k in key):
+        if key.matches(version, evaluation_tags):
             return client.get_model_version(name, version.version)
     return None
 

@@ -3,9 +3,10 @@ the experiment. Jobs never call `mlflow.set_tracking_uri` themselves.
 
 Where runs go: `MLFLOW_TRACKING_URI` when set, else `tracking.tracking_uri` (default
 `sqlite:///mlruns/mlflow.db`, relative to the working directory, artifacts under
-`tracking.artifact_location`). Credentials come only from MLflow's standard variables
+`tracking.artifact_location`; a new sqlite store is created once, under `<db>.lock`, however
+many jobs open it together). Credentials come only from MLflow's standard variables
 (MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN, AWS_*) and are never printed or logged:
-every URI or error text that leaves this package goes through `redact_uri` / `redact_text`.
+every URI or error text that leaves this package goes through `ferflow.redact`.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from ferflow.config import Params, TrackingSettings
 from ferflow.errors import FerflowError
+from ferflow.redact import install_log_filter, redact_text, redact_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -36,53 +37,16 @@ _BACKOFF_JITTER = "0.5"
 # set_tracking_uri also exports MLFLOW_TRACKING_URI "so that subprocesses inherit it": a
 # value we wrote from params must not later pass for the user's choice in this process.
 _state: dict = {"written_uri": None, "written_from_env": False, "experiment_id": None}
+# sqlite stores whose schema this process has created or checked (under their lock).
+_initialised: set = set()
+# Creating a fresh store runs all of MLflow's migrations: seconds, more on a slow disk.
+_INIT_LOCK_TIMEOUT_S = 300.0
 
 SettingsLike = Union[Params, TrackingSettings]
 
 
 def _settings(settings: SettingsLike) -> TrackingSettings:
     return settings.tracking if isinstance(settings, Params) else settings
-
-
-# ---------------------------------------------------------------------------- redaction
-
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
-_SECRET_QUERY = re.compile(
-    r"(?P<key>[?&;](?:access_token|token|sig|signature|x-amz-signature|x-amz-credential|x-amz-security-token|"
-    r"password|passwd|secret|api_key|apikey|key|code)=)[^&#;\s]+",
-    re.IGNORECASE,
-)
-_SECRET_ENV_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|CONNECTION_STRING|ACCESS_KEY(?!_ID)", re.IGNORECASE)
-
-
-def _secret_env_values() -> list[str]:
-    """Values of credential-looking variables (longest first, so overlaps redact fully)."""
-    # A snapshot: other threads (MLflow's own) may change os.environ while we read it.
-    snapshot = dict(os.environ.copy())
-    values = {v for k, v in snapshot.items() if _SECRET_ENV_NAME.search(k) and len(v) >= 8}
-    return sorted(values, key=len, reverse=True)
-
-
-def redact_text(text: object) -> str:
-    """Text with URI userinfo, secret-looking query values and credential env values masked."""
-    out = _USERINFO.sub(lambda m: f"{m.group('scheme')}***@", str(text))
-    out = _SECRET_QUERY.sub(lambda m: f"{m.group('key')}***", out)
-    for value in _secret_env_values():
-        out = out.replace(value, "***")
-    return out
-
-
-def redact_uri(uri: str) -> str:
-    """A URI fit for a message or a tag: no user:password@, no token=... query values."""
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return redact_text(uri)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-        uri = urlunsplit(parts._replace(netloc=netloc))
-    return redact_text(uri)
 
 
 # ---------------------------------------------------------------------------- URIs
@@ -116,11 +80,53 @@ def _absolute_sqlite(uri: str) -> str:
     if not uri.startswith(prefix) or uri == prefix:
         return uri
     path_part, sep, query = uri[len(prefix):].partition("?")
+    if path_part in ("", ":memory:"):
+        return uri
     path = Path(path_part)
     if not path.is_absolute():
         path = Path.cwd() / path
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"{prefix}{path.as_posix()}" + (sep + query if sep else "")
+
+
+def _sqlite_file(uri: str) -> Optional[Path]:
+    """The database file of an absolute `sqlite:////abs/db` URI; None for anything else."""
+    prefix = "sqlite:///"
+    path_part = uri[len(prefix):].partition("?")[0] if uri.startswith(prefix) else ""
+    path = Path(path_part) if path_part not in ("", ":memory:") else None
+    return path if path is not None and path.is_absolute() else None
+
+
+def store_lock_path(uri: str, purpose: str) -> Optional[Path]:
+    """`<db>.<purpose>`: a lock file beside the database of an embedded sqlite store, for
+    work that jobs sharing it must not interleave; None for servers and other stores,
+    which a local file lock cannot guard."""
+    db = _sqlite_file(uri)
+    return None if db is None else db.with_name(f"{db.name}.{purpose}")
+
+
+def _init_sqlite_store(uri: str, settings: TrackingSettings) -> None:
+    """Create (or check) the schema of an embedded sqlite store once, under `<db>.lock`.
+
+    MLflow migrates an empty database on first use without any lock, so two jobs started
+    together on a fresh store both run alembic and one dies (`table ... already exists`).
+    Here the first job migrates while the others wait; they then find the schema at head
+    and MLflow's own store only checks it.
+    """
+    db, lock = _sqlite_file(uri), store_lock_path(uri, "lock")
+    if db is None or lock is None or uri in _initialised:
+        return
+    if db.exists() and not os.access(db.parent, os.W_OK):
+        return  # a read-only copy of a store: no lock possible, and nothing to migrate
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from ferflow.locks import file_lock
+
+    # Experiment 0 (made with the schema) keeps its artifacts beside ferflow's experiments.
+    artifact_root = _artifact_location(settings)
+    with file_lock(lock, f"creating the MLflow store {redact_uri(uri)}", _INIT_LOCK_TIMEOUT_S):
+        SqlAlchemyStore(uri, artifact_root)
+    _initialised.add(uri)
 
 
 def _artifact_location(settings: TrackingSettings) -> str:
@@ -189,6 +195,7 @@ def configure(settings: SettingsLike) -> "MlflowClient":
     import mlflow
     from mlflow import MlflowClient
 
+    install_log_filter()  # MLflow's own handler (it does not propagate) prints run URLs
     cfg = _settings(settings)
     uri = resolve_tracking_uri(cfg)
     from_env = uri == os.environ.get(TRACKING_URI_ENV, "").strip()
@@ -196,6 +203,14 @@ def configure(settings: SettingsLike) -> "MlflowClient":
     check_reachable(uri, min(cfg.timeout_s, 5.0))
     if uri.startswith("sqlite:"):
         uri = _absolute_sqlite(uri)
+        try:
+            _init_sqlite_store(uri, cfg)  # before any MLflow client opens the file
+        except FerflowError:
+            raise
+        except Exception as exc:  # MlflowException (old schema), sqlalchemy errors
+            raise FerflowError(
+                f"MLflow store {redact_uri(uri)} could not be opened: {redact_text(_short(exc))}"
+            ) from None
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     _state.update(written_uri=uri, written_from_env=from_env)
@@ -272,3 +287,4 @@ def reset() -> None:
         os.environ.pop("MLFLOW_REGISTRY_URI")
     fluent._active_experiment_id = None  # set by mlflow.set_experiment; no public reset
     _state.update(written_uri=None, written_from_env=False, experiment_id=None)
+    _initialised.clear()
