@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from ferflow.config import SplitSettings
-from ferflow.data.archive import safe_extract
+from ferflow.data.archive import inspect_archive
 from ferflow.data.layout import (
     CLASSES,
     ImageEntry,
@@ -76,7 +76,7 @@ def test_extracted_standin_shapes(tmp_path):
                 zf.writestr(path, b"jpeg")
             zf.writestr("__MACOSX/M/._M", b"fork")
             zf.writestr(f"{prefix}.DS_Store", b"ds")
-        res = safe_extract(z, tmp_path / name, 10**6)
+        res = inspect_archive(z, 10**6)
         entries, skipped = discover(res.files, name, dirs=res.dirs)
         assert len(entries) == 24 and skipped == []
         assert labels_by_split(entries)[("eval", "neutral")] == 4

@@ -2,14 +2,22 @@
 
 import io
 import json
+import os
+import struct
+import subprocess
+import sys
 import zipfile
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 from ferflow.config import ArchiveSpec, PrepareSettings, SplitSettings
+from ferflow.data import prepare as prepare_mod
 from ferflow.data.cache import CachedSplit
 from ferflow.data.prepare import MANIFEST_COLUMNS, prepare_dataset
 from ferflow.data.sources import sha256_file
@@ -194,3 +202,104 @@ def test_hostile_archives_are_refused_before_any_output(tmp_path, raw, kind, mes
         run(tmp_path, archive)
     assert not (tmp_path / "prepared").exists() or list((tmp_path / "prepared").iterdir()) == []
     assert not list(tmp_path.rglob("evil*"))
+
+
+# ---------------------------------------------------------------------------- oversized images
+
+
+def png(width: int, height: int) -> bytes:
+    """A real PNG of that size: 1-bit and blank, so it is small however large it is."""
+    buf = io.BytesIO()
+    Image.new("1", (width, height)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def huge_png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims `width` x `height` (the pixel data never follows)."""
+    data = bytearray(png(8, 8))
+    struct.pack_into(">II", data, 16, width, height)  # IHDR's fields, after signature, length and type
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL says so too, at 64 M
+def test_image_over_max_image_pixels_is_quarantined(tmp_path, raw):
+    # 11000 x 11000 = 121 M pixels: under the 2x margin at which PIL refuses by itself, so it
+    # used to be decoded (363 MB as RGB) and kept, with only a DecompressionBombWarning.
+    extra = {"Set/train/positive/huge_0001.png": png(11_000, 11_000)}
+    result = run(tmp_path, make_archive(raw / "Set.zip", extra))
+    report = json.loads((tmp_path / "prepared" / "Set" / "report.json").read_text())
+    [bad] = report["quarantined"]
+    assert bad["path"] == "Set/train/positive/huge_0001.png"
+    assert "11000x11000" in bad["reason"] and "prepare.max_image_pixels" in bad["reason"]
+    assert result.n_images == 24 and result.n_quarantined == 1
+
+
+def test_max_image_pixels_is_the_setting(tmp_path, raw):
+    extra = {"Set/train/positive/big_0001.jpg": jpeg(5, size=40)}  # 1,600 pixels; the others have 400
+    result = run(tmp_path, make_archive(raw / "Set.zip", extra), max_image_pixels=1_000)
+    report = json.loads((tmp_path / "prepared" / "Set" / "report.json").read_text())
+    assert [q["path"] for q in report["quarantined"]] == list(extra)
+    assert "40x40" in report["quarantined"][0]["reason"] and result.n_images == 24
+
+
+def test_image_pil_calls_a_bomb_is_quarantined_with_the_setting_named(tmp_path, raw):
+    extra = {"Set/train/positive/bomb_0001.png": huge_png_header(60_000, 60_000)}
+    result = run(tmp_path, make_archive(raw / "Set.zip", extra))
+    report = json.loads((tmp_path / "prepared" / "Set" / "report.json").read_text())
+    [bad] = report["quarantined"]
+    assert bad["path"] == list(extra)[0] and "prepare.max_image_pixels" in bad["reason"]
+    assert result.n_images == 24
+
+
+def test_max_image_pixels_default_is_in_params_yaml():
+    params = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
+    assert params["prepare"]["max_image_pixels"] == PrepareSettings().max_image_pixels >= 48_000_000
+
+
+# ---------------------------------------------------------------------------- leftovers of killed runs
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # reaped: the pid names no process now
+    return proc.pid
+
+
+def test_sweep_removes_only_folders_of_dead_runs_on_this_host(tmp_path):
+    host, dead = prepare_mod._host_tag(), _dead_pid()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {
+            "dead": f".Set.tmp-{host}-{dead}-abc12345",
+            "dead_union_members": f".U.members-{host}-{dead}-abc12345",
+            "live": f".Set.tmp-{host}-{live.pid}-abc12345",
+            "mine": f".Set.tmp-{host}-{os.getpid()}-abc12345",
+            "other_host": f".Set.tmp-{'0' * 8 if host != '0' * 8 else '1' * 8}-{dead}-abc12345",
+            "unowned": ".Set.tmp-x1y2z3w4",  # named by an older ferflow: whose it is cannot be told
+            "dataset": "Set",
+        }
+        for name in names.values():
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "cache.npy").write_bytes(b"x")
+        prepare_mod.sweep_stale(tmp_path)
+        kept = {key for key, name in names.items() if (tmp_path / name).exists()}
+        assert kept == {"live", "mine", "other_host", "unowned", "dataset"}
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_sweep_restores_an_output_moved_aside_by_a_killed_swap(tmp_path):
+    old = tmp_path / f".Set.old-{prepare_mod._host_tag()}-{_dead_pid()}-abcd"
+    old.mkdir()
+    (old / "report.json").write_text("{}")
+    prepare_mod.sweep_stale(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Set"] and (tmp_path / "Set/report.json").is_file()
+
+
+def test_prepare_sweeps_a_dead_runs_temporary_folder(tmp_path, raw):
+    stale = tmp_path / "prepared" / f".Set.tmp-{prepare_mod._host_tag()}-{_dead_pid()}-abc12345"
+    (stale / "out").mkdir(parents=True)
+    run(tmp_path, make_archive(raw / "Set.zip"))
+    assert sorted(p.name for p in (tmp_path / "prepared").iterdir()) == ["Set"]

@@ -2,6 +2,8 @@
 
 import io
 import json
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from PIL import Image
 from ferflow import stages
 from ferflow.config import Params, load_params
 from ferflow.data.cache import CachedSplit
+from ferflow.data.prepare import _host_tag
 from ferflow.data.sources import sha256_file
 from ferflow.errors import ConfigError
 
@@ -128,3 +131,23 @@ def test_bad_unions_are_refused(unions, message):
 def test_unknown_dataset_names_the_known_ones(demo):
     with pytest.raises(ConfigError, match="LFW-emotion-all"):
         stages.prepare(demo, ["nope"])
+
+
+def test_union_sweeps_the_leftovers_of_a_killed_union(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    people = [f"P{i}_0001.png" for i in range(12)]
+    for name in ("A", "B"):
+        _archive(raw / f"{name}.zip", {p: ("eval" if i < 3 else "train") for i, p in enumerate(people)})
+    archives = {n: {"uri": str(raw / f"{n}.zip"), "sha256": sha256_file(raw / f"{n}.zip")} for n in ("A", "B")}
+    params = load_params(REPO / "params.yaml", [
+        f"data.archives={json.dumps(archives)}", 'data.unions={"AB": ["A", "B"]}', "train.datasets=[AB]",
+        f"data.raw_dir={raw}", f"data.prepared_dir={tmp_path / 'prepared'}", "prepare.image_sizes=[8]",
+        "prepare.workers=1", "prepare.split.val_fraction=0.2", "prepare.allow_duplicates_across_splits=true",
+    ])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for kind in ("members", "tmp"):  # what a union killed with SIGKILL leaves
+        (tmp_path / "prepared" / f".AB.{kind}-{_host_tag()}-{dead.pid}-abc12345" / "x").mkdir(parents=True)
+    stages.prepare(params, ["AB"])
+    assert sorted(p.name for p in (tmp_path / "prepared").iterdir()) == ["AB"]

@@ -1,15 +1,14 @@
-"""Safe zip extraction: check every entry first, then stream into a temporary sibling
-directory and rename it into place, so a hostile or broken archive leaves nothing behind."""
+"""Safe zip reading: check every entry before anything is read (paths, types, junk, the
+declared size against the cap), then read members straight from the zip with their real
+size bounded, so a hostile or broken archive is refused before it can cost disk or memory."""
 
 from __future__ import annotations
 
 import re
-import secrets
-import shutil
 import stat
 import zipfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ferflow.errors import FerflowError
@@ -26,16 +25,11 @@ _BAD_TYPES = {
     stat.S_IFSOCK: "a socket",
 }
 _JUNK_NAMES = {"thumbs.db": "Windows thumbnail cache", "desktop.ini": "Windows folder settings"}
-_UNSAFE_FIX = "refusing to extract any of it; re-fetch the archive from a trusted source"
-
-
-@dataclass(frozen=True)
-class ExtractResult:
-    root: Path  # the directory everything was extracted into
-    files: list[str]  # extracted files, relative to root, posix style, sorted
-    skipped: list[dict]  # junk entries not extracted: {"path", "reason"}; never directories
-    uncompressed_bytes: int
-    dirs: list[str] = field(default_factory=list)  # every extracted directory (explicit or implied), sorted
+_UNSAFE_FIX = "refusing to read any of it; re-fetch the archive from a trusted source"
+# Inflated a bounded piece at a time by zipfile (decompress with max_length); bzip2 and lzma
+# are inflated without a limit, where ~200 bytes can hold 100 MB, so they are refused.
+_BOUNDED_METHODS = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED})
+_METHOD_NAMES = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "lzma", 9: "deflate64"}
 
 
 @dataclass(frozen=True)
@@ -47,22 +41,23 @@ class _Member:
 
 @dataclass(frozen=True)
 class ArchiveListing:
-    """A validated archive, read in place: what `safe_extract` would write, without writing."""
+    """A validated archive, read in place (nothing is extracted to disk)."""
 
     path: Path
     files: list[str]  # normalised posix paths, sorted
-    skipped: list[dict]
-    dirs: list[str]
+    skipped: list[dict]  # junk entries left out: {"path", "reason"}; never directories
+    dirs: list[str]  # every directory (explicit or implied), sorted
     declared_bytes: int
     entry_names: dict[str, str]  # normalised path -> name inside the zip
 
 
 def inspect_archive(zip_path: Path, max_uncompressed_bytes: int) -> ArchiveListing:
-    """Apply every check of `safe_extract` (paths, types, junk, cap) but write nothing.
+    """Check every entry (paths, types, junk, compression, the declared total against the
+    cap) and list the files; write nothing.
 
-    Reading members straight from the zip afterwards is safe: no path is ever created
-    from an entry name, and zipfile never reads past a member's declared size (a lying
-    header fails its CRC check instead), so the declared total bounds what is inflated.
+    Reading members straight from the zip afterwards (`read_member`) is safe: no path is
+    ever created from an entry name, and no member yields more than its declared size, so
+    the declared total bounds what is inflated.
     """
     zip_path = Path(zip_path)
     with _open_zip(zip_path) as zf:
@@ -79,9 +74,25 @@ def inspect_archive(zip_path: Path, max_uncompressed_bytes: int) -> ArchiveListi
 
 
 def read_member(zf: zipfile.ZipFile, listing: ArchiveListing, path: str) -> bytes:
-    """One validated member's bytes; corruption becomes a FerflowError naming the entry."""
+    """One validated member's bytes; corruption becomes a FerflowError naming the entry.
+
+    Read a chunk at a time, never with `zf.read`: a one-shot read inflates the whole member
+    before zipfile cuts it to the declared size, so an entry whose header under-declares
+    its size (a zip bomb) would take all the memory it expands to, whatever the cap.
+    """
     try:
-        return zf.read(listing.entry_names[path])
+        info = zf.getinfo(listing.entry_names[path])
+        chunks, total = [], 0
+        with zf.open(info) as src:
+            while chunk := src.read(_CHUNK):
+                total += len(chunk)
+                if total > info.file_size:  # zipfile stops there itself; this keeps the bound if it ever does not
+                    raise FerflowError(
+                        f"{listing.path}: entry {path!r} expands past its declared {info.file_size:,} bytes; "
+                        "the archive is corrupt or a zip bomb; re-fetch it"
+                    )
+                chunks.append(chunk)
+        return b"".join(chunks)
     except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
         raise FerflowError(f"{listing.path}: entry {path!r} is corrupt ({exc}); re-fetch the archive") from None
     except (NotImplementedError, RuntimeError) as exc:
@@ -90,25 +101,6 @@ def read_member(zf: zipfile.ZipFile, listing: ArchiveListing, path: str) -> byte
 
 def open_zip(zip_path: Path) -> zipfile.ZipFile:
     return _open_zip(Path(zip_path))
-
-
-def safe_extract(zip_path: Path, dest: Path, max_uncompressed_bytes: int) -> ExtractResult:
-    """Extract `zip_path` into `dest` all-or-nothing; raise FerflowError on anything unsafe."""
-    zip_path, dest = Path(zip_path), Path(dest)
-    with _open_zip(zip_path) as zf:
-        members, skipped = _plan(zf, str(zip_path), max_uncompressed_bytes)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".{dest.name}.tmp-{secrets.token_hex(6)}"
-        tmp.mkdir()
-        try:
-            written = _extract(zf, members, tmp, str(zip_path), max_uncompressed_bytes)
-            _install(tmp, dest)
-        except BaseException:
-            # BaseException too: an interrupted run must not leave a half-written tree.
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    files = sorted(m.path for m in members if not m.is_dir)
-    return ExtractResult(dest, files, skipped, written, _all_dirs(members))
 
 
 # ---------------------------------------------------------------------------- checking
@@ -124,7 +116,7 @@ def _open_zip(zip_path: Path) -> zipfile.ZipFile:
 
 
 def _plan(zf: zipfile.ZipFile, archive: str, cap: int) -> tuple[list[_Member], list[dict]]:
-    """Validate every entry before anything is written; return what to extract and the junk."""
+    """Validate every entry before anything is read; return the members and the junk."""
     members: list[_Member] = []
     skipped: list[dict] = []
     for info in zf.infolist():
@@ -141,6 +133,12 @@ def _plan(zf: zipfile.ZipFile, archive: str, cap: int) -> tuple[list[_Member], l
             raise FerflowError(
                 f"{archive}: entry {info.filename!r} is encrypted (password-protected); "
                 "use an unencrypted copy of the archive"
+            )
+        if not is_dir and info.compress_type not in _BOUNDED_METHODS:
+            method = _METHOD_NAMES.get(info.compress_type, f"method {info.compress_type}")
+            raise FerflowError(
+                f"{archive}: entry {info.filename!r} is compressed with {method}, whose expansion cannot be "
+                "bounded while reading; repack the archive with deflate (the zip default) or store"
             )
         members.append(_Member(info, "/".join(parts), is_dir))
     _check_collisions(members, archive)
@@ -208,75 +206,3 @@ def _all_dirs(members: list[_Member]) -> list[str]:
         upto = len(parts) if m.is_dir else len(parts) - 1
         found.update("/".join(parts[:i]) for i in range(1, upto + 1))
     return sorted(found)
-
-
-# ---------------------------------------------------------------------------- writing
-
-
-class _CappedWriter:
-    """File wrapper counting real bytes, so a header that understates sizes cannot beat the cap."""
-
-    def __init__(self, fh, budget: int, on_over):
-        self._fh, self.budget, self.written, self._on_over = fh, budget, 0, on_over
-
-    def write(self, data: bytes) -> int:
-        self.written += len(data)
-        if self.written > self.budget:
-            self._on_over()
-        return self._fh.write(data)
-
-
-def _extract(zf: zipfile.ZipFile, members: list[_Member], root: Path, archive: str, cap: int) -> int:
-    total = 0
-    for m in sorted(members, key=lambda m: m.path):
-        target = root.joinpath(*m.path.split("/"))
-        if m.is_dir:
-            target.mkdir(parents=True, exist_ok=True)
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        total += _extract_one(zf, m, target, archive, cap, cap - total)
-    return total
-
-
-def _extract_one(zf: zipfile.ZipFile, m: _Member, target: Path, archive: str, cap: int, budget: int) -> int:
-    def over() -> None:
-        raise FerflowError(
-            f"{archive}: entry {m.path!r} expands past the cap of {cap:,} bytes ({CAP_KEY}) although "
-            "the headers declare less; the archive is corrupt or a zip bomb; re-fetch it"
-        )
-
-    try:
-        with zf.open(m.info) as src, open(target, "xb") as fh:
-            writer = _CappedWriter(fh, budget, over)
-            shutil.copyfileobj(src, writer, _CHUNK)
-    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-        raise FerflowError(f"{archive}: entry {m.path!r} is corrupt ({exc}); re-fetch the archive") from None
-    except NotImplementedError as exc:
-        raise FerflowError(
-            f"{archive}: entry {m.path!r} uses an unsupported compression method ({exc}); "
-            "repack the archive with deflate or store"
-        ) from None
-    except RuntimeError as exc:  # zipfile's signal for encrypted data it cannot read
-        raise FerflowError(f"{archive}: entry {m.path!r} cannot be read ({exc})") from None
-    except OSError as exc:
-        raise FerflowError(f"{archive}: could not write {target} ({exc}); check free disk space") from None
-    return writer.written
-
-
-def _install(tmp: Path, dest: Path) -> None:
-    """Rename `tmp` to `dest`; an existing `dest` is replaced only once the new tree is complete."""
-    old = None
-    if dest.exists() or dest.is_symlink():
-        old = dest.parent / f".{dest.name}.old-{secrets.token_hex(6)}"
-        dest.rename(old)
-    try:
-        tmp.rename(dest)
-    except BaseException:
-        if old is not None:
-            old.rename(dest)
-        raise
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()

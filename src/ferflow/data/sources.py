@@ -5,7 +5,9 @@ then renamed onto `<name>.zip`, so a `.zip` in dest_dir is always a verified arc
 
 Partial files: a `.part` is deleted after any failure, except when an http(s) download
 ran out of retries on a transient error; that one is kept so the next run resumes it with
-a Range request (a resumed file that then fails its digest is deleted like any other).
+a Range request. A resumed file that then fails its size or digest check may hold bytes of
+another file (a stale `.part`, a source changed in between): it is deleted and downloaded
+once more from zero, and only a fresh download that still mismatches blames the sha256.
 
 A verified archive gets a hidden stamp `.<name>.zip.verified` (size, mtime_ns, sha256) so
 that later runs skip re-hashing while size and mtime are unchanged.
@@ -31,6 +33,7 @@ import requests
 
 from ferflow.config import ArchiveSpec, FetchSettings
 from ferflow.errors import FerflowError
+from ferflow.redact import is_redacted, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,10 @@ class _Transient(Exception):
 
 class _ResumableFailure(FerflowError):
     """Retries ran out on transient errors; the `.part` is kept for the next run."""
+
+
+class _Mismatch(FerflowError):
+    """A finished download failed its size or digest check."""
 
 
 # ---------------------------------------------------------------------------- public API
@@ -86,15 +93,24 @@ def fetch_archive(spec: ArchiveSpec, dest_dir: Path, settings: FetchSettings) ->
             log.info("%s: %s already verified, not downloading", spec.name, dest)
             return FetchResult(spec.name, dest, spec.sha256, dest.stat().st_size, downloaded=False)
         log.warning("%s: %s does not match params; downloading it again", spec.name, dest)
+    if is_redacted(spec.uri):
+        # Compiled pipelines carry URIs with their credentials masked (ferflow.redact).
+        raise FerflowError(
+            f"{spec.name}: uri {spec.uri} had its credentials removed when the pipeline was compiled; "
+            f"pass the real URI at run time (pipeline parameter `archives`) or pin the archive in dvc.lock "
+            f"and a DVC remote"
+        )
     dest_dir.mkdir(parents=True, exist_ok=True)
     part = dest_dir / f"{spec.name}.zip.part"
-    log.info("%s: fetching %s", spec.name, redact(spec.uri))
+    log.info("%s: fetching %s", spec.name, redact_uri(spec.uri))
 
-    def fetch_and_verify() -> str:
-        fetcher(spec.uri, part, spec.size, settings)
-        return _verify(part, spec, settings.chunk_bytes)
+    def fetch() -> Optional[bool]:
+        return fetcher(spec.uri, part, spec.size, settings)
 
-    digest = _through_part(part, dest, fetch_and_verify)
+    def verify(resumed: bool) -> str:
+        return _verify(part, spec, settings.chunk_bytes, resumed)
+
+    digest = _through_part(part, dest, fetch, verify, spec.name)
     _write_stamp(dest, digest)
     return FetchResult(spec.name, dest, digest, dest.stat().st_size, downloaded=True)
 
@@ -109,20 +125,22 @@ def download(uri: str, dest: Path, settings: FetchSettings, expected_sha256: str
     fetcher = _pick_fetcher(uri)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(f"{dest.name}.part")
-    log.info("fetching %s to %s", redact(uri), dest)
+    log.info("fetching %s to %s", redact_uri(uri), dest)
 
-    def fetch_and_check() -> str:
-        fetcher(uri, part, None, settings)
+    def fetch() -> Optional[bool]:
+        return fetcher(uri, part, None, settings)
+
+    def check(resumed: bool) -> str:
         digest = sha256_file(part, settings.chunk_bytes)
         if expected_sha256 is not None and digest != expected_sha256.strip().lower():
-            raise FerflowError(
-                f"sha256 mismatch for {redact(uri)}: expected {expected_sha256.strip().lower()}, got {digest} "
-                f"({_size(part)} bytes); the download was removed. If the source changed on purpose, "
-                "update the sha256 given for it"
+            hint = _RESUMED_HINT if resumed else "If the source changed on purpose, update the sha256 given for it"
+            raise _Mismatch(
+                f"sha256 mismatch for {redact_uri(uri)}: expected {expected_sha256.strip().lower()}, got {digest} "
+                f"({_size(part)} bytes); the download was removed. {hint}"
             )
         return digest
 
-    return _through_part(part, dest, fetch_and_check)
+    return _through_part(part, dest, fetch, check, redact_uri(uri))
 
 
 REMOTE_SCHEMES = ("http", "https", "s3", "gdrive")
@@ -160,20 +178,32 @@ def resolve_file(source: str, folder: Path, expected: str | None, settings: Fetc
     if dest.is_file():
         digest = sha256_file(dest)
         if expected is None or digest == expected:
-            log.info("%s: using cached %s for %s", what, dest, redact(source))
+            log.info("%s: using cached %s for %s", what, dest, redact_uri(source))
             return dest, digest
         log.warning("cached %s does not match sha256 %s; downloading it again", dest, expected)
         dest.unlink()
     return dest, download(source, dest, settings, expected)
 
 
-def _through_part(part: Path, dest: Path, fetch: Callable[[], str]) -> str:
-    """Run `fetch` (which writes and checks `part`), then rename `part` to `dest`.
+def _through_part(part: Path, dest: Path, fetch: Callable[[], Optional[bool]], check: Callable[[bool], str],
+                  what: str) -> str:
+    """Run `fetch` (which writes `part` and says whether it appended to bytes already there)
+    and `check` (which verifies `part`), then rename `part` to `dest`.
 
-    On failure `part` is removed, except after a resumable https failure, whose partial
-    download the next run continues with a Range request."""
+    A resumed download that fails `check` is fetched once more from zero: the bytes it was
+    resumed from may belong to another file, and blaming the sha256 for that would point the
+    user the wrong way. On failure `part` is removed, except after a resumable https failure,
+    whose partial download the next run continues with a Range request."""
     try:
-        digest = fetch()
+        resumed = bool(fetch())
+        try:
+            digest = check(resumed)
+        except _Mismatch:
+            if not resumed:
+                raise
+            log.warning("%s: the resumed download failed verification; downloading it again from the start", what)
+            part.unlink(missing_ok=True)
+            digest = check(bool(fetch()))
     except _ResumableFailure:
         raise
     except BaseException:
@@ -207,34 +237,31 @@ def verify_file(path: Path, spec: ArchiveSpec, chunk: int = 1 << 20) -> None:
         )
 
 
-def redact(uri: str) -> str:
-    """The URI without user:password@ and without a query string (tokens live there)."""
-    parts = urllib.parse.urlsplit(uri)
-    if not parts.scheme or not parts.netloc:
-        return uri
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
 # ---------------------------------------------------------------------------- verification
 
 
-def _verify(path: Path, spec: ArchiveSpec, chunk: int) -> str:
+# Said when even the fresh retry had to resume after a dropped connection: then the source
+# most likely changed while it was fetched, not for good.
+_RESUMED_HINT = ("It was pieced together from resumed partial downloads; the source may have changed meanwhile, "
+                 "try again")
+
+
+def _verify(path: Path, spec: ArchiveSpec, chunk: int, resumed: bool = False) -> str:
     actual_size = path.stat().st_size
-    where = redact(spec.uri)
+    where = redact_uri(spec.uri)
     if spec.size is not None and actual_size != spec.size:
-        raise FerflowError(
+        hint = _RESUMED_HINT if resumed else f"Check the uri and size of '{spec.name}' in data.archives (params.yaml)"
+        raise _Mismatch(
             f"{spec.name}: {where} gave {actual_size} bytes, expected size {spec.size}; the download "
-            f"was removed. Check the uri and size of '{spec.name}' in data.archives (params.yaml)"
+            f"was removed. {hint}"
         )
     digest = sha256_file(path, chunk)
     if digest != spec.sha256:
-        raise FerflowError(
+        hint = _RESUMED_HINT if resumed else (
+            f"If the source changed on purpose, update sha256 of '{spec.name}' in data.archives (params.yaml)")
+        raise _Mismatch(
             f"{spec.name}: sha256 mismatch for {where}: expected {spec.sha256}, got {digest} "
-            f"({actual_size} bytes); the download was removed. If the source changed on purpose, "
-            f"update sha256 of '{spec.name}' in data.archives (params.yaml)"
+            f"({actual_size} bytes); the download was removed. {hint}"
         )
     return digest
 
@@ -268,7 +295,9 @@ def _write_stamp(dest: Path, digest: str) -> None:
 
 # ---------------------------------------------------------------------------- dispatch
 
-Fetcher = Callable[[str, Path, Optional[int], FetchSettings], None]
+# A fetcher writes the whole file to `part`; it returns True when it appended to bytes that
+# were already there (an http Range resume), which _through_part must know.
+Fetcher = Callable[[str, Path, Optional[int], FetchSettings], Optional[bool]]
 
 
 def _pick_fetcher(uri: str) -> Fetcher:
@@ -282,13 +311,13 @@ def _pick_fetcher(uri: str) -> Fetcher:
         return _fetch_s3
     if scheme == "file" or not scheme:
         return _fetch_file
-    raise FerflowError(f"unsupported URI scheme {scheme!r} in {redact(uri)}; supported: {SUPPORTED}")
+    raise FerflowError(f"unsupported URI scheme {scheme!r} in {redact_uri(uri)}; supported: {SUPPORTED}")
 
 
 # ---------------------------------------------------------------------------- http(s)
 
 
-def _fetch_http(uri: str, part: Path, size: Optional[int], settings: FetchSettings) -> None:
+def _fetch_http(uri: str, part: Path, size: Optional[int], settings: FetchSettings) -> bool:
     retries, attempts = settings.retries, settings.retries + 1
     reason = ""
     with requests.Session() as session:
@@ -297,14 +326,14 @@ def _fetch_http(uri: str, part: Path, size: Optional[int], settings: FetchSettin
         for attempt in range(attempts):
             if attempt:
                 delay = min(settings.backoff_s * 2 ** (attempt - 1), settings.max_backoff_s)
-                log.warning("%s: %s; retry %d/%d in %.1fs", redact(uri), reason, attempt, retries, delay)
+                log.warning("%s: %s; retry %d/%d in %.1fs", redact_uri(uri), reason, attempt, retries, delay)
                 _sleep(delay)
             try:
-                _http_attempt(session, uri, part, size, settings)
-                return
+                # The last attempt tells: one that restarted from zero wiped an earlier resume.
+                return _http_attempt(session, uri, part, size, settings)
             except _Transient as exc:
                 reason = str(exc)
-    message = f"could not download {redact(uri)} after {attempts} attempts: {reason}"
+    message = f"could not download {redact_uri(uri)} after {attempts} attempts: {reason}"
     if _size(part):
         raise _ResumableFailure(f"{message} (partial file {part} kept; the next run resumes it)")
     raise FerflowError(f"{message}; check the uri and the network, or raise fetch.retries")
@@ -316,7 +345,9 @@ def _sleep(seconds: float) -> None:
 
 def _http_attempt(
     session: requests.Session, uri: str, part: Path, size: Optional[int], settings: FetchSettings
-) -> None:
+) -> bool:
+    """One GET into `part`, continued with a Range request when it has bytes; True when the
+    server did continue it (so `part` mixes this response with bytes written before)."""
     offset = _size(part)
     if size is not None and offset > size:
         part.unlink()
@@ -340,14 +371,15 @@ def _http_attempt(
             with open(part, mode) as fh, _progress(part.stem, total, settings, offset) as advance:
                 _write_chunks(resp.iter_content(settings.chunk_bytes), fh, advance)
     except requests.exceptions.SSLError as exc:
-        raise FerflowError(f"TLS error for {redact(uri)}: {_describe(exc)}; check the URL/CA setup") from None
+        raise FerflowError(f"TLS error for {redact_uri(uri)}: {_describe(exc)}; check the URL/CA setup") from None
     except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
         raise _Transient(f"{_describe(exc)} after {_size(part)} bytes") from None
     except requests.RequestException as exc:
-        raise FerflowError(f"cannot download {redact(uri)}: {_describe(exc)}") from None
+        raise FerflowError(f"cannot download {redact_uri(uri)}: {_describe(exc)}") from None
     expected = total if total is not None else size
     if expected is not None and _size(part) < expected:
         raise _Transient(f"truncated body: {_size(part)} of {expected} bytes")
+    return offset > 0
 
 
 def _describe(exc: Exception) -> str:
@@ -361,7 +393,7 @@ def _check_status(resp: requests.Response, uri: str) -> None:
     if code >= 500 or code in _RETRY_STATUS:
         raise _Transient(f"HTTP {code} {resp.reason}")
     if code not in (200, 206):
-        raise FerflowError(f"HTTP {code} {resp.reason} for {redact(uri)}; check the uri in data.archives")
+        raise FerflowError(f"HTTP {code} {resp.reason} for {redact_uri(uri)}; check the uri in data.archives")
 
 
 def _range_start(resp: requests.Response) -> Optional[int]:
@@ -390,7 +422,7 @@ def drive_id(uri: str) -> str:
         found = match.group(1) if match else urllib.parse.parse_qs(parts.query).get("id", [""])[0]
     if not re.fullmatch(r"[-\w]+", found):
         raise FerflowError(
-            f"no Google Drive file id in {redact(uri)}; use https://drive.google.com/file/d/<ID>/view "
+            f"no Google Drive file id in {redact_uri(uri)}; use https://drive.google.com/file/d/<ID>/view "
             "or gdrive://<ID> (folders are not supported)"
         )
     return found

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,7 +27,7 @@ from ferflow.config import ArchiveSpec, FetchSettings, PrepareSettings
 from ferflow.data import cache as cache_files
 from ferflow.data.layout import SPLITS, ImageEntry, assign_splits, check_group_leaks
 from ferflow.data.prepare import (MANIFEST, MANIFEST_COLUMNS, REPORT, PrepareResult, check_duplicates, manifest_digest,
-                                  prepare_dataset, publish)
+                                  prepare_dataset, publish, scratch_dir, sweep_stale)
 from ferflow.labels import CLASSES
 
 
@@ -40,7 +39,8 @@ def prepare_union(name: str, members: list[ArchiveSpec], raw_dir: Path, prepared
     start = time.perf_counter()
     prepared_dir = Path(prepared_dir)
     prepared_dir.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{name}.members-", dir=prepared_dir))
+    sweep_stale(prepared_dir)  # a killed union leaves members' caches behind, as a killed prepare does
+    scratch = scratch_dir(prepared_dir, name, "members")
     try:
         folders = {}
         for spec in members:
@@ -80,7 +80,7 @@ def _gather(name: str, folders: dict[str, Path], prepared_dir: Path, settings: P
     entries = assign_splits(entries, settings.split, archive_name=name)
     rows["split"] = [e.split for e in entries]
 
-    work = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=prepared_dir))
+    work = scratch_dir(prepared_dir, name)
     try:
         out = work / "out"
         out.mkdir()
