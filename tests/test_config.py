@@ -92,3 +92,72 @@ def test_missing_and_malformed_files(tmp_path):
 def test_params_schema_roundtrip(params_file):
     params = load_params(params_file)
     assert Params.model_validate(params.model_dump(mode="json")) == params
+
+
+# ---------------------------------------------------------------- values that validate, then fail later
+
+
+@pytest.mark.parametrize("override, key", [
+    ("seed=-1", "seed"),
+    ("seed=4294967296", "seed"),  # 2**32: numpy's legacy seeding refuses it
+    ("seed=12345678901234567890", "seed"),
+    ("prepare.split.seed=-1", "prepare.split.seed"),
+    ("demo.seed=-5", "demo.seed"),
+])
+def test_seeds_outside_what_numpy_and_torch_take_are_refused(params_file, override, key):
+    with pytest.raises(ConfigError) as info:
+        load_params(params_file, [override])
+    assert f"{params_file}: {key}:" in str(info.value)
+
+
+def test_seed_range_ends_are_accepted(params_file):
+    assert load_params(params_file, ["seed=0"]).seed == 0
+    assert load_params(params_file, [f"seed={2**32 - 1}"]).seed == 2**32 - 1
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.full_stage.lr=.inf", "train.full_stage.lr"),
+    ("train.grad_clip=.inf", "train.grad_clip"),
+    ("fetch.max_backoff_s=.inf", "fetch.max_backoff_s"),
+    ("train.optimizer.weight_decay=.nan", "train.optimizer.weight_decay"),
+    ("registry.min_delta=.inf", "registry.min_delta"),
+    ("train.augment.scale=[.nan, 1.0]", "train.augment.scale.0"),
+])
+def test_non_finite_floats_are_refused(params_file, override, key):
+    with pytest.raises(ConfigError) as info:
+        load_params(params_file, [override])
+    assert f"{params_file}: {key}:" in str(info.value) and "finite" in str(info.value)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.batch_size=true", "train.batch_size"),
+    ("fetch.retries=false", "fetch.retries"),
+    ("seed=true", "seed"),
+    ("evaluate.batch_size=true", "evaluate.batch_size"),
+    ("train.max_steps_per_epoch=true", "train.max_steps_per_epoch"),
+    ("train.full_stage.epochs=true", "train.full_stage.epochs"),
+    ("prepare.image_sizes=[true]", "prepare.image_sizes"),
+    ("data.archives.LFW-FER.size=true", "data.archives.LFW-FER.size"),
+    ("train.layer_decay=true", "train.layer_decay"),
+    ("train.augment.scale=[true, 1.0]", "train.augment.scale"),
+])
+def test_booleans_are_not_numbers(params_file, override, key):
+    with pytest.raises(ConfigError) as info:
+        load_params(params_file, [override])
+    assert f"{params_file}: {key}" in str(info.value) and "true/false" in str(info.value)
+
+
+def test_numbers_keep_their_usual_spellings(params_file):
+    params = load_params(params_file, ["train.layer_decay=1", "train.full_stage.lr=1e-3", "fetch.progress=false"])
+    assert params.train.layer_decay == 1.0 and isinstance(params.train.layer_decay, float)
+    assert params.train.full_stage.lr == 1e-3  # PyYAML reads 1e-3 as a string; still a number here
+    assert params.fetch.progress is False
+
+
+def test_params_file_not_utf8_names_the_file(tmp_path, params_file):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(params_file.read_bytes() + "# caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_params(bad)
+    message = str(info.value)
+    assert str(bad) in message and "UTF-8" in message and "\n" not in message

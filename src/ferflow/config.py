@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional
+from typing import Any, Iterable, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from ferflow.errors import ConfigError
 
@@ -28,8 +29,46 @@ def _optional_sha256(v: Optional[str]) -> Optional[str]:
     return v.strip().lower() if v else v
 
 
+# What numpy's legacy seeding (np.random.seed) and torch.manual_seed both take.
+SEED_MAX = 2**32 - 1
+
+
+def _seed_field(default: int) -> Any:
+    return Field(default=default, ge=0, le=SEED_MAX, description=f"0..{SEED_MAX} (numpy and torch seed range)")
+
+
+def _number_leaves(annotation: Any) -> set:
+    """The plain types inside an annotation: Optional[int] -> {int, NoneType}, tuple[float, float] -> {float}."""
+    if get_origin(annotation) in (Union, list, tuple, dict, set) or type(annotation).__name__ == "UnionType":
+        return set().union(*(_number_leaves(a) for a in get_args(annotation) if a is not Ellipsis))
+    return {annotation} if isinstance(annotation, type) else set()
+
+
+def _holds_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_holds_bool(v) for v in value)
+    return isinstance(value, dict) and any(_holds_bool(v) for v in value.values())
+
+
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # No inf/nan in any float field: `lr: .inf` would validate, then train to `loss nan`.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads `true` as 1 for int and float fields (batch_size=true ->
+        # 1); a number is never meant as a boolean. A validator on every field of every model,
+        # rather than StrictInt on each, also covers fields added later; ints and numeric
+        # strings (PyYAML reads `1e-3` as a string) stay accepted for floats.
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and _holds_bool(value):
+            leaves = _number_leaves(field.annotation)
+            if leaves & {int, float} and bool not in leaves:
+                raise ValueError("expected a number, not a boolean (true/false)")
+        return value
 
 
 class ArchiveSource(_Frozen):
@@ -134,7 +173,7 @@ class SplitSettings(_Frozen):
 
     val_fraction: float = Field(default=0.1, ge=0, lt=1, description="carved from train when no val split")
     eval_fraction: float = Field(default=0.2, ge=0, lt=1, description="used only when no split folders")
-    seed: int = 13
+    seed: int = _seed_field(13)
 
 
 # prepare.face_crop: none | center:<fraction> | detect | detect:<fallback centre fraction>
@@ -172,6 +211,8 @@ class PrepareSettings(_Frozen):
     face_margin: float = Field(default=1.3, ge=1.0, le=4.0, description="detect: crop side / face box side")
     detector: Optional[DetectorSettings] = None
     max_uncompressed_bytes: int = Field(default=4 << 30, gt=0, description="zip-bomb cap per archive")
+    max_image_pixels: int = Field(default=50_000_000, gt=0,
+                                  description="larger images are quarantined from their header, never decoded")
     max_bad_fraction: float = Field(default=0.01, ge=0, le=1)
     allow_duplicates_across_splits: bool = False
     workers: int = Field(default=0, ge=0, le=64, description="decode processes; 0 = one per available CPU (FERFLOW_CPUS, else affinity)")
@@ -207,7 +248,7 @@ class DemoSettings(_Frozen):
     images_per_class: int = Field(default=100, ge=3, le=100_000, description="per class per archive")
     image_size: int = Field(default=112, ge=32, le=512)
     eval_fraction: float = Field(default=0.25, gt=0, lt=1)
-    seed: int = 0
+    seed: int = _seed_field(0)
 
 
 class ModelWeights(_Frozen):
@@ -360,7 +401,7 @@ class ServeSettings(_Frozen):
 
 
 class Params(_Frozen):
-    seed: int = 42
+    seed: int = _seed_field(42)
     data: DataSettings
     fetch: FetchSettings = FetchSettings()
     prepare: PrepareSettings = PrepareSettings()
@@ -439,7 +480,14 @@ def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"params file not found: {path} (pass --params FILE)")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                          "save the params file as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read params file {path}: {exc.strerror or exc}") from None
+    try:
+        tree = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if tree is None:

@@ -17,7 +17,8 @@ from ferflow.errors import FerflowError
 from ferflow.models import checkpoints
 from ferflow.models.weights import load_pretrained
 
-FAST = FetchSettings(retries=1, backoff_s=0.01, max_backoff_s=0.02, timeout_s=5, progress=False)
+# timeout_s bounds a request to the in-process server; generous, as no test waits for it to pass.
+FAST = FetchSettings(retries=1, backoff_s=0.01, max_backoff_s=0.02, timeout_s=60, progress=False)
 
 
 @pytest.fixture
@@ -135,3 +136,90 @@ def test_http_error_is_a_ferflow_error(server, tmp_path):
     base, _ = server
     with pytest.raises(FerflowError, match="HTTP 404"):
         load_pretrained(f"{base}/missing.pt", tmp_path, fetch_settings=FAST)
+
+
+# --- size bombs: small files declaring huge tensors --------------------------------------
+
+BOMB_BYTES = 512 << 20  # the issue's case: a ~0.5 MB .pt declaring a 512 MiB tensor
+
+RSS_PROBE = r"""
+import json, resource, sys
+from pathlib import Path
+from ferflow.errors import FerflowError
+from ferflow.models.weights import load_pretrained
+
+def peak_kib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+source, cache, limit = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+kwargs = {}
+if limit:
+    from ferflow.models.checkpoints import SizeLimit
+    kwargs["size_limit"] = SizeLimit(limit, "the test's model")
+before = peak_kib()
+try:
+    load_pretrained(source, cache, **kwargs)
+    error = None
+except FerflowError as exc:
+    error = str(exc)
+print(json.dumps({"grew_mib": (peak_kib() - before) / 1024, "error": error}))
+"""
+
+
+def _probe(source: Path, cache: Path, limit: int = 0) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", RSS_PROBE, str(source), str(cache), str(limit)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_deflated_size_bomb_is_refused_before_it_is_inflated(tmp_path):
+    """A 0.5 MB .pt whose storage record inflates to 512 MiB: refused from the sizes its zip
+    records declare, before a byte is inflated; RSS barely moves and nothing is cached."""
+    from . import bombs
+
+    bomb = bombs.write_deflated(tmp_path / "bomb.pt", BOMB_BYTES)
+    assert bomb.stat().st_size < 1 << 20
+    result = _probe(bomb, tmp_path / "cache")
+    assert result["error"] is not None, result
+    assert str(bomb) in result["error"] and "refusing" in result["error"], result
+    assert result["grew_mib"] < 64, result
+    assert not list((tmp_path / "cache").rglob("*.safetensors")), "a refused checkpoint must not be cached"
+    assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+def test_sparse_size_bomb_is_refused_against_the_model_size(tmp_path):
+    """A stored (uncompressed) 512 MiB record written as a hole: the file is as big as it
+    claims, so only the model's own size can refuse it, again before anything is read."""
+    from . import bombs
+
+    bomb = bombs.write_sparse(tmp_path / "sparse.pt", BOMB_BYTES)
+    assert bomb.stat().st_blocks * 512 < 1 << 20  # really sparse on this filesystem
+    result = _probe(bomb, tmp_path / "cache", limit=64 << 20)
+    assert result["error"] is not None and str(bomb) in result["error"], result
+    assert "512.0 MiB" in result["error"] and "the test's model" in result["error"], result
+    assert result["grew_mib"] < 64, result
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))
+
+
+def test_size_limit_also_guards_safetensors_and_the_cache(tmp_path):
+    """The cap holds for .safetensors given directly and for a conversion cached by an
+    earlier, uncapped load: the cached copy is checked like the original."""
+    from ferflow.models.checkpoints import SizeLimit
+
+    state = {"w": torch.zeros(1024, 1024)}  # 4 MiB
+    direct = tmp_path / "w.safetensors"
+    safetensors.torch.save_file(state, str(direct))
+    pickle_file = tmp_path / "w.pt"
+    torch.save(state, pickle_file)
+    small = SizeLimit(1 << 20, "a 1 MiB model")
+    with pytest.raises(FerflowError, match=r"w\.safetensors.*4\.0 MiB.*a 1 MiB model"):
+        load_pretrained(direct, tmp_path / "cache", size_limit=small)
+    assert_same(load_pretrained(pickle_file, tmp_path / "cache"), state)  # uncapped: converted and cached
+    with pytest.raises(FerflowError, match=r"4\.0 MiB.*a 1 MiB model"):
+        load_pretrained(pickle_file, tmp_path / "cache", size_limit=small)
+    assert_same(load_pretrained(pickle_file, tmp_path / "cache", size_limit=SizeLimit(8 << 20, "big")), state)

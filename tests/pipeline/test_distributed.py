@@ -63,14 +63,16 @@ def write_params(path: Path, base: Path, *overrides):
     return params, path
 
 
-def test_two_ranks_under_torchrun_equal_one_process_at_the_same_global_batch(tiny_workspace, tmp_path):
+def test_two_ranks_under_torchrun_equal_one_process_at_the_same_global_batch(tiny_workspace, tmp_path, monkeypatch):
     """2 ranks x batch 16 against 1 process x batch 32, both from the same "pretrained"
     weights. Pretrained models train with frozen BatchNorm (the real recipe), so no layer
     depends on how a batch is split; each step then averages the same 32 per-image
     gradients, summed in another order. Measured: weights within 3e-6 after the two epochs
     (18 steps), the same val accuracy, val loss equal to 5 digits. The bounds leave ~30x
     room for float reordering; a real defect (ranks on the same shard, no gradient
-    all-reduce, lr or batch semantics changed) moves weights by 1e-2 and more."""
+    all-reduce, lr or batch semantics changed) moves weights by 1e-2 and more. Each rank
+    also reports a digest of its final weights (FERFLOW_PARAMS_DIGEST_DIR): DDP keeps the
+    ranks bit-identical, so unequal digests mean the gradients were not synchronised."""
     base, weights = tiny_workspace
     common = [*TRAIN, f"models.demo_tiny.pretrained={weights}"]
     one, one_file = write_params(tmp_path / "one/params.yaml", base, *common, "train.batch_size=32",
@@ -79,7 +81,12 @@ def test_two_ranks_under_torchrun_equal_one_process_at_the_same_global_batch(tin
                                  "train.out_dir=models")  # relative: read from the params file's folder
 
     single = distributed.launch_train(one, one_file, "LFW-FER", "demo_tiny", nproc=1)
+    digests = tmp_path / "digests"
+    monkeypatch.setenv("FERFLOW_PARAMS_DIGEST_DIR", str(digests))  # after the in-process run: ranks only
     ddp = distributed.launch_train(two, two_file, "LFW-FER", "demo_tiny", nproc=2)
+    ranks = [json.loads((digests / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["rank"], r["world_size"]) for r in ranks] == [(0, 2), (1, 2)]
+    assert ranks[0]["sha256"] == ranks[1]["sha256"], "the ranks ended with different weights: no gradient sync"
 
     assert isinstance(ddp, TrainResult)
     # What the files give back is what trainer.train returned in-process.

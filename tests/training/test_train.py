@@ -1,6 +1,7 @@
 """Fine-tuning on generated data, CPU, tiny model: learning, determinism, resume, DDP."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from ferflow.config import AugmentSettings
 from ferflow.models.preprocess import Normalize
 from ferflow.training.augment import augment
 from ferflow.training.losses import inverse_frequency_weights
+from ferflow.training.checkpoint import load_weights
 from ferflow.training.optim import SAM, cosine_with_warmup
 
 from .conftest import load, read_json, write_params
@@ -74,6 +76,16 @@ def test_kill_9_then_resume_equals_uninterrupted(demo_workspace, tmp_path):
     resumed = subprocess.run(_train_cmd(cut_params), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
+    # It did resume: last.pt (written after history.json, so at most one epoch behind it)
+    # was restored, and only the epochs after it were trained again. Deterministic training
+    # from scratch would give the same history, so equality alone proves nothing.
+    assert read_json(tmp_path / "ref/LFW-FER/demo_tiny/run.json")["resumed_from_epoch"] == 0
+    resumed_from = read_json(tmp_path / "cut/LFW-FER/demo_tiny/run.json")["resumed_from_epoch"]
+    assert 2 <= resumed_from and killed_at - 1 <= resumed_from <= killed_at, (resumed_from, killed_at)
+    assert f"after epoch {resumed_from}:" in resumed.stderr
+    trained = [int(m) for m in re.findall(r"^epoch +(\d+) (?:head|full) ", resumed.stderr, re.MULTILINE)]
+    assert trained == list(range(resumed_from + 1, 8)), resumed.stderr[-3000:]
+
     ref = read_json(tmp_path / "ref/LFW-FER/demo_tiny/history.json")
     cut = read_json(history)
     strip = lambda h: [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in h]  # noqa: E731
@@ -82,23 +94,56 @@ def test_kill_9_then_resume_equals_uninterrupted(demo_workspace, tmp_path):
     assert final(tmp_path / "cut") == final(tmp_path / "ref")
 
 
-def test_ddp_on_gloo_with_two_processes(demo_workspace, tmp_path):
+def test_ddp_on_gloo_with_two_processes(demo_workspace, tmp_path, monkeypatch):
+    """2 gloo ranks x batch 16 under torchrun against 1 process x batch 32. Frozen BatchNorm
+    ("pretrained" weights) and no augmentation, so one DDP step averages the same 32 per-image
+    gradients as the single-process step. Each rank reports a digest of its final weights
+    (FERFLOW_PARAMS_DIGEST_DIR): equal digests prove the gradients were synchronised, equal
+    weights to the single run (float reordering aside) prove the global batch is right.
+    Without the DistributedDataParallel wrap the digests differ and the weights move apart."""
+    import timm
+    from safetensors.torch import save_file
+
+    from ferflow.training.checkpoint import load_last
+
+    torch.manual_seed(0)
+    weights = tmp_path / "start.safetensors"
+    model = timm.create_model("test_efficientnet", num_classes=3, global_pool="avg")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    same = (f"models.demo_tiny.pretrained={weights}", "train.full_stage.epochs=1", "train.max_steps_per_epoch=8",
+            "train.augment.hflip=false", "train.augment.rotate_deg=0", "train.augment.translate=0",
+            "train.augment.scale=[1.0,1.0]", "train.augment.erasing_p=0")
+    single = stages.train(load(demo_workspace, f"train.out_dir={tmp_path / 'one'}", *same), "LFW-FER", "demo_tiny")
+
     params_file = write_params(tmp_path / "ddp.yaml", demo_workspace, f"train.out_dir={tmp_path / 'ddp'}",
-                               "train.full_stage.epochs=1")
-    port = str(29500 + os.getpid() % 1000)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={port}", "-m", "ferflow.cli", "train", "--dataset", "LFW-FER", "--model", "demo_tiny",
-           "--params", str(params_file)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+                               "train.batch_size=16", *same)
+    # --standalone: torchrun's own agent binds a free port (port 0) for its rendezvous store and
+    # the ranks reuse that store, so no port is picked and released in between; concurrent
+    # test runs cannot collide (a fixed or pid-derived --master_port can).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "ferflow.cli", "train", "--dataset", "LFW-FER", "--model", "demo_tiny", "--params", str(params_file)]
+    digests = tmp_path / "digests"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FERFLOW_PARAMS_DIGEST_DIR": str(digests)}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "ddp/LFW-FER/demo_tiny"
     info = read_json(run / "run.json")
     assert info["world_size"] == 2
     history = read_json(run / "history.json")
-    assert len(history) == 2
+    assert [h["stage"] for h in history] == [h["stage"] for h in single.history] == ["head", "full"]
     # validation was reduced over both ranks: every val image counted exactly once
-    assert history[-1]["val_n"] == info["n_val"]
+    assert history[-1]["val_n"] == info["n_val"] == single.best_metrics["val_n"]
+
+    ranks = [read_json(digests / f"rank{r}.json") for r in (0, 1)]
+    assert [(r["rank"], r["world_size"]) for r in ranks] == [(0, 2), (1, 2)]
+    assert ranks[0]["sha256"] == ranks[1]["sha256"], "the ranks ended with different weights: no gradient sync"
+
+    w1, w2 = load_last(single.run_dir / "last.pt")["model"], load_last(run / "last.pt")["model"]
+    assert w1.keys() == w2.keys()
+    start = {k: v for k, v in load_weights(weights).items()}
+    diff = max(float((w1[k].double() - w2[k].double()).abs().max()) for k in w1 if w1[k].is_floating_point())
+    moved = max(float((w1[k].double() - start[k].double()).abs().max()) for k in start if "classifier" not in k)
+    assert diff < 1e-4 < moved, (diff, moved)  # the same weights, and not because nothing trained
 
 
 def test_augment_keeps_shape_and_changes_pixels():
@@ -201,3 +246,86 @@ print(json.dumps({"mmapped_alive": alive.hblkhd, "mmapped_freed": freed.hblkhd, 
     # keep: no mmap for it; the freed 64 MB stay in the heap for the next step's buffers
     assert keep["mmapped_alive"] < 64 * mb
     assert keep["heap_free_after"] >= 64 * mb
+
+
+class _Hostile:
+    def __init__(self, canary):
+        self.canary = canary
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.canary}",)
+
+
+def test_unreadable_last_pt_is_one_line_naming_the_file(demo_workspace, tmp_path):
+    """A corrupt, empty, hostile or foreign last.pt: `ferflow train` says which file and how
+    to restart (move it away) in one line, no traceback, exit non-zero; nothing runs."""
+    from ferflow.config import load_params
+    from ferflow.training.trainer import recipe_hash
+
+    params_file = write_params(tmp_path / "p.yaml", demo_workspace, f"train.out_dir={tmp_path / 'm'}")
+    recipe = recipe_hash(load_params(params_file), "LFW-FER", "demo_tiny")
+    last = tmp_path / "m/LFW-FER/demo_tiny/last.pt"
+    last.parent.mkdir(parents=True)
+    canary = tmp_path / "canary"
+    cases = {
+        "garbage": lambda: last.write_bytes(os.urandom(4096)),
+        "empty": lambda: last.write_bytes(b""),
+        "truncated": lambda: (torch.save({"epoch": 1, "model": {"w": torch.zeros(1000)}}, last),
+                              last.write_bytes(last.read_bytes()[:700])),
+        "hostile": lambda: torch.save({"epoch": 1, "recipe": recipe, "hook": _Hostile(canary)}, last),
+        "not_a_dict": lambda: torch.save([1, 2, 3], last),
+        "same_recipe_missing_keys": lambda: torch.save({"epoch": 1, "recipe": recipe}, last),
+        "same_recipe_other_model": lambda: torch.save(
+            {"epoch": 1, "recipe": recipe, "model": {"w": torch.zeros(1)}, "optimizer": {}, "scheduler": {},
+             "scaler": {}, "rng": {}, "criterion": {}}, last),
+    }
+    for name, write in cases.items():
+        write()
+        done = subprocess.run(_train_cmd(params_file), capture_output=True, text=True, timeout=600)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode != 0, (name, done.stderr[-2000:])
+        assert "Traceback" not in done.stderr and len(lines) == 1, (name, done.stderr[-3000:])
+        assert str(last) in lines[0] and "move it away" in lines[0], (name, lines)
+        assert "weights_only=False" not in lines[0], (name, lines)
+        assert not canary.exists()
+        assert not (last.parent / "history.json").exists(), name  # refused before training
+
+
+def test_a_diverging_run_stops_naming_the_epoch_and_saves_nothing_non_finite(demo_workspace, tmp_path):
+    """lr 1e30 (finite, so params accept it) blows the weights up to inf in the full stage:
+    the run stops with an error naming the epoch and stage; best.safetensors and last.pt
+    hold the last finite epoch, never the diverged one."""
+    from ferflow.errors import FerflowError
+    from ferflow.training.checkpoint import load_last, load_weights
+
+    params = load(demo_workspace, f"train.out_dir={tmp_path / 'm'}", "train.full_stage.lr=1e30",
+                  "train.grad_clip=0", "train.max_steps_per_epoch=4")
+    with pytest.raises(FerflowError, match=r"diverged in epoch 2 \(full stage\).*train\.full_stage\.lr"):
+        stages.train(params, "LFW-FER", "demo_tiny")
+    run = tmp_path / "m/LFW-FER/demo_tiny"
+    history = read_json(run / "history.json")
+    assert [h["epoch"] for h in history] == [1]  # the head epoch; the diverged one is not recorded
+    last = load_last(run / "last.pt")
+    assert last["epoch"] == 1
+    for weights in (load_weights(run / "best.safetensors"), last["model"]):
+        assert all(bool(torch.isfinite(t).all()) for t in weights.values() if t.is_floating_point())
+
+
+def test_pretrained_far_bigger_than_the_model_is_refused_unread(demo_workspace, tmp_path, monkeypatch):
+    """models.<name>.pretrained pointing at a 256 MiB checkpoint (a sparse file, so the test
+    stays cheap) for demo_tiny (0.4 MiB of weights): refused against the model's size before
+    a tensor is read, and nothing lands in the weights cache."""
+    import importlib.util
+
+    from ferflow.errors import FerflowError
+
+    spec = importlib.util.spec_from_file_location("bombs", Path(__file__).parents[1] / "models/bombs.py")
+    bombs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bombs)
+    monkeypatch.setenv("FERFLOW_CACHE", str(tmp_path / "cache"))
+    bomb = bombs.write_sparse(tmp_path / "huge.pt", 256 << 20)
+    params = load(demo_workspace, f"train.out_dir={tmp_path / 'm'}", f"models.demo_tiny.pretrained={bomb}")
+    with pytest.raises(FerflowError, match=r"refusing to load .*huge\.pt.*256\.0 MiB.*model demo_tiny"):
+        stages.train(params, "LFW-FER", "demo_tiny")
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))
+    assert not (tmp_path / "m/LFW-FER/demo_tiny/history.json").exists()

@@ -6,6 +6,12 @@ checkpoints"). A restricted unpickler resolves only tensor-rebuild functions, st
 and plain containers, turns every ``timm.*``/``torch.nn.*`` class into an inert placeholder and
 refuses anything else; the placeholders' tensors are then named as ``model.state_dict()`` would,
 ready for ``load_state_dict(strict=True)`` into a model built fresh by current timm.
+
+Sizes are checked before any tensor byte is read: unpickling only records the storages the
+pickle declares (tensors are built on the meta device), then the storages the state_dict
+uses must fit the file (a torch.save() archive stores them uncompressed; a deflated record
+may expand at most _MAX_EXPANSION times) and the caller's SizeLimit (derived from the model
+being loaded), and only then are they read, one at a time.
 """
 
 from __future__ import annotations
@@ -15,9 +21,12 @@ import builtins
 import collections
 import hashlib
 import io
+import json
 import os
 import pickle
+import struct
 import zipfile
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -42,6 +51,27 @@ _STORAGE_DTYPES: dict[str, torch.dtype] = {
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickle of the pre-1.6 (non-zip) torch format
 _MODULE_META_KEYS = ("root_class", "pool_type", "stem_class", "bn_eps", "timm_module_layout")
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
+# torch.save() writes tensors uncompressed, so their bytes are in the file; torch.load also
+# reads a re-zipped (deflated) archive, but weights barely compress. Declared bytes beyond
+# this expansion of the file's size can only be a decompression bomb.
+_MAX_EXPANSION = 16
+_EXPANSION_SLACK = 1 << 20  # tiny archives of zero tensors compress well and are harmless
+_MAX_PICKLE_BYTES = 64 << 20  # data.pkl describes tensors, it does not hold them
+_READ_CHUNK = 8 << 20
+
+
+@dataclass(frozen=True)
+class SizeLimit:
+    """The most tensor bytes a checkpoint may hold, checked before any of them is read."""
+
+    max_bytes: int
+    reason: str  # what the cap was derived from, for the error message
+
+    @classmethod
+    def for_model(cls, model_bytes: int, name: str) -> SizeLimit:
+        # Room for another head (ImageNet's 1000 classes), float64 copies and extra buffers,
+        # and a floor for tiny models; a checkpoint beyond it is not for this model.
+        return cls(4 * model_bytes + (64 << 20), f"model {name} has {_mib(model_bytes)} of weights")
 
 
 @dataclass(frozen=True)
@@ -50,14 +80,17 @@ class Checkpoint:
     meta: dict[str, Any]
 
 
-def read_checkpoint(path: Path) -> Checkpoint:
-    """Tensors and architecture hints of a torch.save() archive or a .safetensors file."""
+def read_checkpoint(path: Path, limit: SizeLimit | None = None) -> Checkpoint:
+    """Tensors and architecture hints of a torch.save() archive or a .safetensors file.
+
+    Refused before any tensor is read: tensors the file cannot hold (a decompression bomb),
+    and, given `limit`, more tensor bytes than it allows."""
     path = Path(path)
     head, sha = _fingerprint(path)
     if head.startswith(b"PK\x03\x04"):
         obj = _unpickle_zip(path)
     elif path.suffix == ".safetensors" or head[8:9] == b"{":
-        return _read_safetensors(path, sha)
+        return _read_safetensors(path, sha, limit)
     elif head[:1] == b"\x80":
         obj = _unpickle_raw(path)
     else:
@@ -66,23 +99,28 @@ def read_checkpoint(path: Path) -> Checkpoint:
         state_dict, meta = _extract(obj, path)
     except (AttributeError, TypeError, RecursionError) as exc:  # malformed module state
         raise FerflowError(f"{path} is corrupt: unexpected module state ({exc})") from exc
-    return Checkpoint(_own(strip_prefixes(state_dict)), {**meta, "source_sha256": sha})
+    state_dict = _materialise(strip_prefixes(state_dict), path, limit)
+    return Checkpoint(_own(state_dict), {**meta, "source_sha256": sha})
 
 
-def to_safetensors(path: Path, cache_dir: Path) -> Path:
-    """Convert once to ``<cache_dir>/<source sha256>.safetensors``; later calls reuse that file."""
+def to_safetensors(path: Path, cache_dir: Path, limit: SizeLimit | None = None) -> Path:
+    """Convert once to ``<cache_dir>/<source sha256>.safetensors``; later calls reuse that file.
+    A checkpoint read_checkpoint refuses (`limit` included) leaves nothing in the cache."""
     path, cache_dir = Path(path), Path(cache_dir)
     target = cache_dir / f"{_fingerprint(path)[1]}.safetensors"
     if target.is_file():
-        return target
-    ckpt = read_checkpoint(path)
+        return target  # the caller reads it with its own limit
+    ckpt = read_checkpoint(path, limit)
     metadata = {k: str(v) for k, v in ckpt.meta.items() if v is not None and k != "format"}
     metadata["source_format"] = ckpt.meta["format"]
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Write beside and rename so a concurrent reader never sees a half-written file.
     tmp = cache_dir / f".{target.name}.{os.getpid()}.tmp"
-    safetensors.torch.save_file(ckpt.state_dict, str(tmp), metadata=metadata)
-    os.replace(tmp, target)
+    try:
+        safetensors.torch.save_file(ckpt.state_dict, str(tmp), metadata=metadata)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves no partial file behind
     return target
 
 
@@ -134,29 +172,58 @@ class _StorageType:
     dtype: torch.dtype
 
 
-@dataclass
+@dataclass(eq=False)
 class _Storage:
-    """The bytes of one archive record."""
+    """One archive record as the pickle declares it; its bytes are read only by _materialise."""
 
-    raw: torch.Tensor  # uint8, CPU
+    record: str  # name in the zip
+    nbytes: int  # numel x itemsize, as declared
     dtype: torch.dtype  # from the storage type; v3 tensors name their own
     big_endian: bool
 
-    def typed(self, dtype: torch.dtype) -> torch.Tensor:
-        raw = self.raw
+    def read(self, archive: zipfile.ZipFile) -> torch.Tensor:
+        raw = bytearray(self.nbytes)
+        got = 0
+        with archive.open(self.record) as f:
+            # In chunks: a zip member's readinto() reads the whole request into a temporary
+            # bytes first, which would double the peak memory of a large storage.
+            while got < self.nbytes:
+                chunk = f.read(min(_READ_CHUNK, self.nbytes - got))
+                if not chunk:
+                    raise pickle.UnpicklingError(f"storage {self.record} is truncated")
+                raw[got:got + len(chunk)] = chunk
+                got += len(chunk)
+        return torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+
+    def typed(self, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.big_endian and dtype.itemsize > 1:
             raw = raw.view(-1, dtype.itemsize).flip(1).reshape(-1)
         return raw.view(dtype)
 
 
-def _rebuild_tensor(storage: Any, offset: int, size: Any, stride: Any, *rest: Any) -> torch.Tensor:
-    """torch._utils._rebuild_tensor_v2 and _v3 (v3: dtypes without a typed storage, dtype 7th)."""
+_SOURCE = "_ferflow_source"  # attribute of a meta tensor: (its _Storage, element offset)
+
+
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *rest: Any) -> torch.Tensor:
+    """torch._utils._rebuild_tensor_v2 and _v3 (v3: dtypes without a typed storage, dtype 7th),
+    as a meta tensor: shape, stride and dtype, no memory; _materialise fills it in."""
     if not isinstance(storage, _Storage):
         raise pickle.UnpicklingError("tensor without a storage")
     dtype = rest[2] if len(rest) > 2 and isinstance(rest[2], torch.dtype) else storage.dtype
-    # Clone: pickled tensors share storages, and safetensors refuses shared memory.
-    view = storage.typed(dtype).as_strided(tuple(size), tuple(stride), offset)
-    return view.clone(memory_format=torch.contiguous_format)
+    size, stride = tuple(size), tuple(stride)
+    if not (_naturals(size) and _naturals(stride) and _naturals((offset,)) and len(size) == len(stride)):
+        raise pickle.UnpicklingError(f"bad tensor geometry: size {size!r:.60}, stride {stride!r:.60}")
+    # The elements it spans must lie inside its storage (as_strided would check too late).
+    end = 0 if 0 in size else offset + 1 + sum((n - 1) * st for n, st in zip(size, stride))
+    if end * dtype.itemsize > storage.nbytes:
+        raise pickle.UnpicklingError(f"a tensor reaches past the end of storage {storage.record}")
+    tensor = torch.empty_strided(size, stride, dtype=dtype, device="meta")
+    setattr(tensor, _SOURCE, (storage, offset))
+    return tensor
+
+
+def _naturals(values: tuple) -> bool:
+    return all(type(v) is int and v >= 0 for v in values)
 
 
 def _rebuild_parameter(data: Any, *_: Any) -> torch.Tensor:
@@ -187,7 +254,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         super().__init__(io.BytesIO(data))
         self._source, self._archive, self._root = source, archive, root
         self._big_endian = archive is not None and f"{root}byteorder" in archive.namelist() and (
-            archive.read(f"{root}byteorder") == b"big"
+            archive.open(f"{root}byteorder").read(16) == b"big"
         )
         self._storages: dict[str, _Storage] = {}
 
@@ -218,16 +285,18 @@ class _RestrictedUnpickler(pickle.Unpickler):
         _, storage_type, key, _location, numel = pid
         if self._archive is None:
             raise pickle.UnpicklingError("tensors outside a torch archive")
-        if not isinstance(storage_type, _StorageType) or not isinstance(numel, int):
+        if not isinstance(storage_type, _StorageType) or type(numel) is not int or numel < 0:
             raise pickle.UnpicklingError(f"bad storage reference {pid!r:.80}")
         key = key.decode() if isinstance(key, bytes) else str(key)
         if key not in self._storages:
-            nbytes = numel * storage_type.dtype.itemsize
-            data = bytearray(self._archive.read(f"{self._root}data/{key}"))
-            if len(data) < nbytes:
+            record, nbytes = f"{self._root}data/{key}", numel * storage_type.dtype.itemsize
+            try:
+                info = self._archive.getinfo(record)
+            except KeyError:
+                raise pickle.UnpicklingError(f"storage {key} is missing") from None
+            if info.file_size < nbytes:  # what the zip declares; nothing is read here
                 raise pickle.UnpicklingError(f"storage {key} is truncated")
-            raw = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-            self._storages[key] = _Storage(raw[:nbytes], storage_type.dtype, self._big_endian)
+            self._storages[key] = _Storage(record, nbytes, storage_type.dtype, self._big_endian)
         return self._storages[key]
 
     def load(self) -> Any:
@@ -250,6 +319,10 @@ def _unpickle_zip(path: Path) -> Any:
             if len(pickles) != 1:
                 raise FerflowError(f"{path} is a zip but not a torch.save() archive (no data.pkl)")
             root = pickles[0].removesuffix("data.pkl")
+            info = archive.getinfo(pickles[0])
+            if info.file_size > _MAX_PICKLE_BYTES:  # declared size: refused before it is inflated
+                raise FerflowError(f"refusing to load {path}: its data.pkl declares {_mib(info.file_size)}, "
+                                   f"more than the {_mib(_MAX_PICKLE_BYTES)} a checkpoint's pickle takes")
             return _RestrictedUnpickler(path, archive.read(pickles[0]), archive, root).load()
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise FerflowError(f"{path} is a corrupt torch archive ({exc}); download it again") from exc
@@ -333,6 +406,53 @@ def _module_meta(root: _Placeholder, modules: dict[str, _Placeholder]) -> dict[s
     }
 
 
+def _materialise(
+    state_dict: dict[str, torch.Tensor], path: Path, limit: SizeLimit | None
+) -> dict[str, torch.Tensor]:
+    """Check the storages the state_dict uses against the file and `limit`, then read them."""
+    by_storage: dict[_Storage, list[str]] = {}
+    for key, tensor in state_dict.items():
+        storage, _ = getattr(tensor, _SOURCE)
+        by_storage.setdefault(storage, []).append(key)
+    declared = sum(s.nbytes for s in by_storage)
+    on_disk = path.stat().st_size
+    if declared > max(_MAX_EXPANSION * on_disk, _EXPANSION_SLACK):
+        raise FerflowError(
+            f"refusing to load {path}: its tensors declare {_mib(declared)} but the file is {_mib(on_disk)} "
+            f"(compressed {declared / max(on_disk, 1):.0f}x, which torch.save() never does): a decompression bomb "
+            "or a damaged file; get it from a trusted source")
+    _check_limit(path, declared, limit)
+    out: dict[str, torch.Tensor] = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for storage, keys in by_storage.items():  # one storage in memory at a time
+                raw = storage.read(archive)
+                for key in keys:
+                    meta = state_dict[key]
+                    _, offset = getattr(meta, _SOURCE)
+                    view = storage.typed(raw, meta.dtype).as_strided(meta.shape, meta.stride(), offset)
+                    # A tensor alone on its whole storage is kept as is; views of shared storages
+                    # are copied (safetensors refuses shared memory).
+                    whole = len(keys) == 1 and offset == 0 and view.is_contiguous() and (
+                        view.numel() * view.element_size() == storage.nbytes)
+                    out[key] = view if whole else view.clone(memory_format=torch.contiguous_format)
+                del raw
+    except (zipfile.BadZipFile, OSError, EOFError, pickle.UnpicklingError, RuntimeError, zlib.error) as exc:
+        raise FerflowError(f"{path} is a corrupt torch archive ({exc}); download it again") from exc
+    return out
+
+
+def _check_limit(path: Path, declared: int, limit: SizeLimit | None) -> None:
+    if limit is not None and declared > limit.max_bytes:
+        raise FerflowError(
+            f"refusing to load {path}: its tensors take {_mib(declared)}, more than the {_mib(limit.max_bytes)} "
+            f"allowed ({limit.reason}); it is not a checkpoint of this model, or a crafted file")
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):.1f} MiB"
+
+
 def _own(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detached tensors, none sharing memory (tied weights appear at two keys)."""
     seen: set[int] = set()
@@ -349,7 +469,26 @@ def _own(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # --- safetensors and file helpers ----------------------------------------------------------
 
 
-def _read_safetensors(path: Path, sha: str) -> Checkpoint:
+def _safetensors_bytes(path: Path) -> int | None:
+    """Tensor bytes a .safetensors header declares (safe_open checks they fit the file);
+    None when the header cannot be parsed (safe_open then says why)."""
+    try:
+        with path.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > _MAX_PICKLE_BYTES:
+                return None
+            header = json.loads(f.read(length))
+        return sum(int(v["data_offsets"][1]) - int(v["data_offsets"][0])
+                   for k, v in header.items() if k != "__metadata__")
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError, AttributeError):
+        return None
+
+
+def _read_safetensors(path: Path, sha: str, limit: SizeLimit | None = None) -> Checkpoint:
+    if limit is not None:  # before get_tensor copies anything out of the file
+        declared = _safetensors_bytes(path)
+        if declared is not None:
+            _check_limit(path, declared, limit)
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
             stored = f.metadata() or {}

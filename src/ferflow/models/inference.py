@@ -107,16 +107,14 @@ def load_zero_shot(params, model_name: str, device: torch.device, expected_sha25
     from ferflow.evaluation.metrics import collapse_probs
     from ferflow.labels import source_mapping
     from ferflow.models import zoo
-    from ferflow.models.weights import load_pretrained
-    from ferflow.training.trainer import _weights_cache
+    from ferflow.models.weights import pretrained_for
 
     entry = zoo.resolve(model_name)
     weights_cfg = params.weights_for(model_name)
     if zero_shot_skip_reason(entry, weights_cfg.pretrained):
         return None
     try:
-        pretrained = load_pretrained(weights_cfg.pretrained, _weights_cache(), expected_sha256 or weights_cfg.sha256,
-                                     params.fetch)
+        pretrained = pretrained_for(entry, weights_cfg.pretrained, expected_sha256 or weights_cfg.sha256, params.fetch)
     except FerflowError as exc:
         if expected_sha256 is None:
             raise

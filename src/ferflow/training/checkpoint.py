@@ -11,12 +11,15 @@ import io
 import json
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from ferflow.errors import FerflowError
 
 BEST = "best.safetensors"
 RUN_JSON = "run.json"  # what was trained (trainer) and how to feed it (models.inference)
@@ -41,6 +44,12 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+    # best.safetensors is what gets evaluated and registered: never a diverged model. NaN
+    # only: -inf is legitimate in buffers (MappedHead's group mask); the trainer checks
+    # parameters for inf too (trainer._Loop._check_finite).
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and bool(torch.isnan(v).any())), None)
+    if bad is not None:
+        raise FerflowError(f"not writing {path}: weight {bad} holds nan (training diverged)")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
@@ -71,10 +80,49 @@ def save_last(path: Path, state: dict) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+# What the trainer reads from every last.pt it writes (save_last); a file without them is not ours.
+LAST_KEYS = ("epoch", "model", "optimizer", "scheduler", "scaler", "rng", "criterion", "recipe")
+
+
+def unusable_last(path: Path, why: str) -> FerflowError:
+    """The one-line error for a last.pt that cannot be resumed from, with the safe way out."""
+    return FerflowError(f"{path} cannot be resumed from: {why}; move it away (e.g. mv {path} {path}.broken) "
+                        "to restart this run from epoch 0")
+
+
 def load_last(path: Path) -> dict:
-    # Our own file, but still no arbitrary pickles: numpy's RNG tuple needs its few globals.
-    with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    """The resume state written by save_last; FerflowError naming the file otherwise."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:  # torch.load raises EOFError, which the CLI turns into "Aborted."
+            raise unusable_last(path, "the file is empty (a crash while it was written?)")
+        # Our own file, but still no arbitrary pickles: numpy's RNG tuple needs its few globals.
+        with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except FerflowError:
+        raise
+    except Exception as exc:  # any parse failure of the file; torch's own text advises weights_only=False
+        raise unusable_last(path, _load_failure(exc)) from exc
+    if not isinstance(state, dict):
+        raise unusable_last(path, f"it holds a {type(state).__name__}, not ferflow's training state")
+    missing = [key for key in LAST_KEYS if key not in state]
+    if missing:
+        raise unusable_last(path, f"it lacks {', '.join(missing)}; not a checkpoint written by ferflow train")
+    return state
+
+
+def _load_failure(exc: BaseException) -> str:
+    """torch's reason in a few words, without its advice to retry with weights_only=False."""
+    text = str(exc)
+    refused = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)", text, re.IGNORECASE)
+    if refused:
+        return f"it references {refused.group(1)}, which a training checkpoint never holds (refused, not run)"
+    parse = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if parse:
+        return f"corrupt: not a pickle of training state ({parse.group(1).strip()[:120]})"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    first = first.split(". ")[0][:160]  # torch's first sentence; the rest is advice
+    return f"corrupt or not a torch.save() file ({type(exc).__name__}{': ' + first if first else ''})"
 
 
 def _numpy_rng_globals() -> list:

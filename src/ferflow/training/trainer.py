@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ from ferflow.data.loader import CacheLoader, EpochBatchSampler
 from ferflow.data.masks import mask_batch
 from ferflow.errors import FerflowError
 from ferflow.labels import CLASSES, source_mapping
+from ferflow.redact import redact_tree
 from ferflow.training import checkpoint as ckpt
 from ferflow.models.inference import forward
 from ferflow.models.preprocess import Preprocess
@@ -90,7 +93,7 @@ def train(
     callbacks: Sequence[TrainCallback] = (),
 ) -> TrainResult:
     from ferflow.models import zoo
-    from ferflow.models.weights import load_pretrained
+    from ferflow.models.weights import pretrained_for
 
     cfg = params.require_train()
     params.data.check_dataset(dataset)  # a clear error for an unknown dataset name
@@ -103,7 +106,7 @@ def train(
         train_split = CachedSplit(data_dir, "train", size)
         val_split = _validation_split(data_dir, size)
         weights_cfg = params.weights_for(model_name)
-        pretrained = load_pretrained(weights_cfg.pretrained, _weights_cache(), weights_cfg.sha256, params.fetch)
+        pretrained = pretrained_for(entry, weights_cfg.pretrained, weights_cfg.sha256, params.fetch)
         mappable = pretrained is not None and zoo.can_map_head(entry)
         head_init = "mapped" if cfg.head_init == "mapped" and mappable else "random"
         if head_init == "mapped":
@@ -118,6 +121,7 @@ def train(
         # so a run never ends with weights worse on val than where it started.
         loop = _Loop(cfg, params.seed, entry, model, train_split, val_split, rt, recipe,
                      pretrained=pretrained is not None, validate_start=head_init == "mapped")
+        resumed_from = loop.resume(run_dir)
         info = {
             "recipe_hash": recipe,
             "dataset": dataset, "model": model_name, "arch": entry.arch, "input_size": size,
@@ -127,12 +131,14 @@ def train(
             "device": str(rt.device), "amp": str(rt.amp_dtype), "world_size": rt.world_size,
             "n_train": len(train_split), "n_val": len(val_split), "val_split": val_split.split,
             "ferflow_version": __version__, "run_dir": str(run_dir),
+            # Epochs restored from last.pt and not trained again (0: a fresh start).
+            "resumed_from_epoch": resumed_from,
         }
         if rt.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             # What serving must do to an image to give it what training saw (models.inference).
             preprocess = Preprocess.for_training(entry, size, params.prepare).as_record()
-            ckpt.atomic_write_json(run_dir / RUN_JSON, {**info, "params": dump_params(params), "classes": list(CLASSES),
+            ckpt.atomic_write_json(run_dir / RUN_JSON, {**info, "params": redact_tree(dump_params(params)), "classes": list(CLASSES),
                                                         "preprocess": preprocess})
         for cb in callbacks:
             cb.on_train_start(info)
@@ -150,12 +156,6 @@ def _validation_split(data_dir: Path, size: int) -> CachedSplit:
     except FerflowError:
         log.warning("%s has no val split; selecting the best epoch on eval (set prepare.split.val_fraction)", data_dir)
         return CachedSplit(data_dir, "eval", size)
-
-
-def _weights_cache() -> Path:
-    from ferflow.data.sources import cache_root
-
-    return cache_root() / "weights"
 
 
 class _Loop:
@@ -200,6 +200,7 @@ class _Loop:
         val_sampler = EpochBatchSampler(len(val_split), cfg.batch_size * 2, False, seed, False, rt.rank, rt.world_size, pad=False)
         self.val_loader = CacheLoader(val_split, val_sampler, cfg.workers, rt.device.type == "cuda")
         self.stages = [("head", cfg.head_stage), ("full", cfg.full_stage)]
+        self._state: Optional[dict] = None  # last.pt's, once resume() has run
 
     def _criterion(self) -> nn.Module:
         if self.entry.head == "dan":
@@ -237,15 +238,21 @@ class _Loop:
         n = len(self.train_sampler)
         return min(n, self.cfg.max_steps_per_epoch) if self.cfg.max_steps_per_epoch else n
 
+    def resume(self, run_dir: Path) -> int:
+        """Restore last.pt of the same recipe, if any; the epoch training continues after."""
+        self._state = self._resume(run_dir)
+        return int(self._state.get("epoch", 0))
+
     def run(self, run_dir: Path, callbacks: Sequence[TrainCallback]) -> TrainResult:
-        state = self._resume(run_dir)
+        state = self._state if self._state is not None else self._resume(run_dir)
         history: list[dict] = state.get("history", [])
         best = state.get("best", {"metric": -1.0, "epoch": 0, "metrics": {}})
         stale = state.get("stale", 0)
         epoch = state.get("epoch", 0)
         resumed_from = epoch
         stopped = state.get("stopped", False)
-        scaler = torch.amp.GradScaler("cuda", enabled=self.rt.amp_dtype == torch.float16)
+        # On the run's device: a "cuda" scaler disables itself without CUDA (fp16 on CPU/MPS ran unscaled).
+        scaler = torch.amp.GradScaler(self.rt.device.type, enabled=self.rt.amp_dtype == torch.float16)
         if self.validate_start and not history:
             record = self._start_record()
             history.append(record)
@@ -264,12 +271,16 @@ class _Loop:
                 continue
             opt, sched = self._prepare_stage(name, stage)
             if done_in_stage:  # resuming inside this stage
-                opt.load_state_dict(state["optimizer"])
-                sched.load_state_dict(state["scheduler"])
-                scaler.load_state_dict(state["scaler"])
+                try:
+                    opt.load_state_dict(state["optimizer"])
+                    sched.load_state_dict(state["scheduler"])
+                    scaler.load_state_dict(state["scaler"])
+                except _STATE_ERRORS as exc:
+                    raise ckpt.unusable_last(run_dir / ckpt.LAST, _does_not_fit(exc)) from exc
             for _ in range(done_in_stage, stage.epochs):
                 epoch += 1
                 record = self._epoch(epoch, name, opt, sched, scaler)
+                self._check_finite(record, stage)  # before anything of this epoch is saved
                 history.append(record)
                 improved = record[f"val_{self.cfg.monitor}"] > best["metric"]
                 if improved:
@@ -298,6 +309,7 @@ class _Loop:
                     break
             first += stage.epochs
         result = TrainResult(run_dir, best["epoch"], best["metrics"], epoch, history, resumed_from)
+        self._write_params_digest()
         if self.rt.is_main:
             speeds = [h["images_per_s"] for h in history if h["images_per_s"]]  # epoch 0 trains nothing
             ckpt.atomic_write_json(run_dir / TRAIN_METRICS, {
@@ -310,18 +322,52 @@ class _Loop:
         path = run_dir / ckpt.LAST
         if not path.is_file():
             return {}
-        state = ckpt.load_last(path)
+        state = ckpt.load_last(path)  # FerflowError naming the file when it is not ours or broken
         if state.get("recipe") != self.recipe:
             log.warning("%s was written with other params (recipe %s, now %s); training from the start",
                         path, state.get("recipe"), self.recipe)
             return {}
-        self.model.load_state_dict(state["model"])
-        self.criterion.load_state_dict(state["criterion"])
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
-        ckpt.set_rng_state(state["rng"])
-        log.info("resuming %s after epoch %d", run_dir, state["epoch"])
+        epoch = state["epoch"]
+        if type(epoch) is not int or epoch < 0:
+            raise ckpt.unusable_last(path, f"its epoch is {epoch!r}")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.criterion.load_state_dict(state["criterion"])
+            if self.ema is not None and state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
+            ckpt.set_rng_state(state["rng"])
+        except _STATE_ERRORS as exc:
+            raise ckpt.unusable_last(path, _does_not_fit(exc)) from exc
+        if self.rt.is_main:  # logging is quiet by default; a resume must be visible
+            print(f"resuming {run_dir} after epoch {epoch}: epochs 1-{epoch} are restored from {ckpt.LAST}, "
+                  "not trained again", file=sys.stderr, flush=True)
         return state
+
+    def _check_finite(self, record: dict, stage) -> None:
+        """Stop a diverged run before its epoch is saved: a nan/inf loss or weight must never
+        become best.safetensors (and from there a registered model) or a resume point."""
+        name, epoch = record["stage"], record["epoch"]
+        bad = [k for k in ("train_loss", "val_loss") if not math.isfinite(record[k])]
+        params = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad or params:
+            what = ", ".join(f"{k} {record[k]}" for k in bad) or f"non-finite weights ({params[0]}, ...)"
+            raise FerflowError(
+                f"training diverged in epoch {epoch} ({name} stage): {what}; nothing of this epoch was saved. "
+                f"Lower train.{name}_stage.lr (now {stage.lr:g}) or set train.grad_clip (now {self.cfg.grad_clip:g})")
+
+    def _write_params_digest(self) -> None:
+        """Test hook (FERFLOW_PARAMS_DIGEST_DIR): each rank writes a digest of its final
+        parameters, so a test can prove the ranks ended equal (gradients were synchronised)."""
+        out = os.environ.get("FERFLOW_PARAMS_DIGEST_DIR")
+        if not out:
+            return
+        digest = hashlib.sha256()
+        for name, p in self.model.named_parameters():
+            digest.update(name.encode())
+            digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+        Path(out).mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_json(Path(out) / f"rank{self.rt.rank}.json",
+                               {"rank": self.rt.rank, "world_size": self.rt.world_size, "sha256": digest.hexdigest()})
 
     def _save_best(self, run_dir: Path, epoch: int) -> None:
         source = self.ema.module if self.ema is not None else self.model
@@ -431,6 +477,15 @@ class _Loop:
             dist.all_reduce(cm)
             dist.all_reduce(loss_sum)
         return _metrics_from_confusion(cm.cpu().numpy(), float(loss_sum))
+
+
+# What loading a state of the wrong shape, type or structure raises (torch and our own code).
+_STATE_ERRORS = (RuntimeError, TypeError, ValueError, KeyError, IndexError, AttributeError)
+
+
+def _does_not_fit(exc: BaseException) -> str:
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"its saved state does not fit this run ({type(exc).__name__}: {first[:160]})"
 
 
 def _metrics_from_confusion(cm: np.ndarray, loss_sum: float) -> dict:
