@@ -1,5 +1,6 @@
-"""The label contract: the three target classes and how a pretrained expression head's
-classes map onto them. Defined once; data, models, training and evaluation import it."""
+"""The label contract: the three target classes, the splits a prepared dataset has, the
+metric names every evaluation reports, and how a pretrained expression head's classes map
+onto the classes. Defined once; data, models, training, evaluation and tracking import it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from typing import Sequence
 from ferflow.errors import FerflowError
 
 CLASSES = ("negative", "neutral", "positive")  # label_id = index; never reorder
+SPLITS = ("train", "val", "eval")  # a prepared dataset's splits, in this order
+# What every evaluation reports per dataset (evaluation.metrics writes, tracking logs them).
+METRICS = ("accuracy", "macro_f1", "balanced_accuracy", "n")
 
 # HSEmotion heads (FACTS.md): 8 classes Anger, Contempt, Disgust, Fear, Happiness, Neutral,
 # Sadness, Surprise; 7 classes the same without Contempt. Surprise is ambiguous in valence.

@@ -19,10 +19,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ferflow.config import DemoSettings
+from ferflow.labels import CLASSES
 
 DEMO_ARCHIVES = ("LFW-FER", "M-LFW-FER", "M-LFW-FER-face-cut")
-CLASSES = ("positive", "negative", "neutral")
-SPLITS = ("train", "eval")
+# The label contract is ferflow.labels.CLASSES; this is only the order the generator draws
+# classes in (changing it changes every demo archive), and the archives' own two splits.
+GENERATION_ORDER = ("positive", "negative", "neutral")
+ARCHIVE_SPLITS = ("train", "eval")
 
 # Where each archive keeps `{split}/{class}/X.jpg`, mimicking the real zips.
 _PREFIX = {"LFW-FER": "LFW-FER/", "M-LFW-FER": "M-LFW-FER/M-LFW-FER/", "M-LFW-FER-face-cut": ""}
@@ -237,8 +240,8 @@ def _plan(settings: DemoSettings) -> list[tuple[str, str, list[str]]]:
     n = settings.images_per_class
     n_eval = min(n - 1, max(1, round(n * settings.eval_fraction)))
     groups: list[tuple[str, list[str]]] = []
-    for split, count in zip(SPLITS, (n - n_eval, n_eval)):
-        labels = [c for c in CLASSES for _ in range(count)]
+    for split, count in zip(ARCHIVE_SPLITS, (n - n_eval, n_eval)):
+        labels = [c for c in GENERATION_ORDER for _ in range(count)]
         rng.shuffle(labels)
         i = 0
         while i < len(labels):

@@ -16,7 +16,6 @@ from ferflow.labels import CLASSES
 
 SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "eval": "eval", "test": "eval"}
 CLASS_ALIASES = {"positive": "positive", "negative": "negative", "neutral": "neutral", "neural": "neutral"}
-SPLITS = ("train", "val", "eval")
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
 )

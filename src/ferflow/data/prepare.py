@@ -52,13 +52,12 @@ from ferflow.data.layout import ImageEntry, assign_splits, check_group_leaks, di
 from ferflow.data.sources import verify_file
 from ferflow.redact import redact_uri
 from ferflow.errors import FerflowError
-from ferflow.labels import CLASSES
+from ferflow.labels import CLASSES, SPLITS
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.parquet"
 REPORT = "report.json"
-SPLIT_ORDER = ("train", "val", "eval")
 MANIFEST_COLUMNS = [
     "path", "split", "label", "label_id", "identity", "sha1", "width", "height", "mode", "cache_index",
     # The region of the image that was cached (prepare.face_crop), in its pixels, and how it
@@ -284,7 +283,7 @@ def _decode_and_cache(
         by_split[entry.split].append(entry)
     rows: list[dict] = []
     quarantined: list[dict] = []
-    for split in sorted(by_split, key=SPLIT_ORDER.index):
+    for split in sorted(by_split, key=SPLITS.index):
         split_entries = by_split[split]
         writers = {s: cache_files.SplitWriter(out, s, split, len(split_entries)) for s in settings.image_sizes}
         labels: list[int] = []
@@ -365,7 +364,7 @@ def _report(
     settings: PrepareSettings,
 ) -> dict:
     counts: dict[str, dict[str, int]] = {}
-    for split in SPLIT_ORDER:
+    for split in SPLITS:
         part = manifest[manifest["split"] == split]
         if len(part):
             tally = Counter(part["label"])

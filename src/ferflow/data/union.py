@@ -25,10 +25,10 @@ import pandas as pd
 
 from ferflow.config import ArchiveSpec, FetchSettings, PrepareSettings
 from ferflow.data import cache as cache_files
-from ferflow.data.layout import SPLITS, ImageEntry, assign_splits, check_group_leaks
+from ferflow.data.layout import ImageEntry, assign_splits, check_group_leaks
 from ferflow.data.prepare import (MANIFEST, MANIFEST_COLUMNS, REPORT, PrepareResult, check_duplicates, manifest_digest,
                                   prepare_dataset, publish, scratch_dir, sweep_stale)
-from ferflow.labels import CLASSES
+from ferflow.labels import CLASSES, SPLITS
 
 
 def prepare_union(name: str, members: list[ArchiveSpec], raw_dir: Path, prepared_dir: Path,

@@ -17,10 +17,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-from ferflow.labels import CLASSES
+from ferflow.labels import CLASSES, METRICS
 from ferflow.errors import FerflowError
 
-METRIC_KEYS = ("accuracy", "macro_f1", "balanced_accuracy", "n")
 # metrics.json goes last: its presence marks a complete set (collect_results reads only it).
 EVALUATION_FILES = (
     "per_class.json",
@@ -156,11 +155,11 @@ def write_evaluation(
             raise ValueError(f"probs must have shape ({n}, {k}), got {probs.shape}")
     if paths is not None and len(paths) != n:
         raise ValueError(f"paths has {len(paths)} entries for {n} labels")
-    clash = sorted(set(meta) & set(METRIC_KEYS))
+    clash = sorted(set(meta) & set(METRICS))
     if clash:
         raise ValueError(f"meta keys {clash} would overwrite metrics of the same name")
 
-    flat = {key: metrics[key] for key in METRIC_KEYS}
+    flat = {key: metrics[key] for key in METRICS}
     flat.update({key: _json_value(v) for key, v in meta.items() if _scalar(v)})
     names = list(classes)
     table = pd.DataFrame.from_dict(metrics["per_class"], orient="index")
