@@ -94,3 +94,31 @@ def test_whole_dan_state_dict_round_trip(model, tmp_path):
 def test_wrong_trunk_is_refused(model):
     with pytest.raises(FerflowError, match="not a torchvision ResNet-18 trunk"):
         load_trunk(model, torchvision.models.resnet34(weights=None).state_dict())
+
+
+def test_trainer_finds_dans_own_objective(model):
+    """The trainer's generic hooks (training.losses) give DAN its own loss, and a timm model
+    weighted cross-entropy on its logits."""
+    import numpy as np
+    from torch import nn
+
+    from ferflow.config import LossSettings
+    from ferflow.models.inference import forward
+    from ferflow.training.losses import build_criterion, class_weights, loss_function
+
+    cfg = LossSettings(class_weights="inverse_frequency", label_smoothing=0.1)
+    labels = np.array([0, 0, 0, 1, 2, 2])
+    model = zoo.swap_head(model, zoo.resolve("dan"), 3)
+    criterion = build_criterion(model, cfg, labels, 3)
+    assert isinstance(criterion, DANLoss) and criterion.label_smoothing == 0.1
+    torch.testing.assert_close(criterion.class_weights, class_weights(cfg, labels, 3))
+    targets = torch.tensor([0, 1, 2, 2])
+    logits, out = forward(model, torch.randn(4, 3, 64, 64))
+    loss = loss_function(model)(criterion, logits, out, targets)
+    assert loss.ndim == 0 and torch.equal(loss, criterion(out, targets)[0])  # affinity and partition included
+
+    tiny = zoo.build_model(zoo.resolve("demo_tiny"), num_classes=3)
+    ce = build_criterion(tiny, cfg, labels, 3)
+    assert type(ce) is nn.CrossEntropyLoss
+    logits, out = forward(tiny, torch.randn(4, 3, 32, 32))
+    torch.testing.assert_close(loss_function(tiny)(ce, logits, out, targets), ce(logits, targets))

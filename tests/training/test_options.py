@@ -2,7 +2,7 @@
 
 Every test runs the real trainer in-process on a tiny hand-written cache (demo_tiny at 32 px,
 a few steps) and asserts something that would not hold if the trainer silently ran with the
-option off. Spies wrap trainer internals; none replaces the behaviour under test.
+option off. Spies wrap the loop's methods (loop.Trainer); none replaces the behaviour under test.
 """
 
 import functools
@@ -18,7 +18,7 @@ from ferflow.config import load_params
 from ferflow.models import zoo
 from ferflow.models.preprocess import Preprocess
 from ferflow.training import checkpoint as ckpt
-from ferflow.training import trainer
+from ferflow.training import loop, trainer
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = 32
@@ -85,7 +85,7 @@ def spy_steps(monkeypatch) -> dict:
     """Record, per epoch, the labels of every training step, and the model state before the
     first step and after each one (what EMA averages)."""
     seen = {"epochs": [], "initial": None, "states": []}
-    real_epoch, real_step = trainer._Loop._epoch, trainer._Loop._step
+    real_epoch, real_step = loop.Trainer.train_epoch, loop.Trainer.train_step
     snapshot = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}  # noqa: E731
 
     def epoch(self, *args, **kwargs):
@@ -100,8 +100,8 @@ def spy_steps(monkeypatch) -> dict:
         seen["states"].append(snapshot(self.model))
         return out
 
-    monkeypatch.setattr(trainer._Loop, "_epoch", epoch)
-    monkeypatch.setattr(trainer._Loop, "_step", step)
+    monkeypatch.setattr(loop.Trainer, "train_epoch", epoch)
+    monkeypatch.setattr(loop.Trainer, "train_step", step)
     return seen
 
 
@@ -121,13 +121,13 @@ def spy_forwards(monkeypatch) -> list:
 
 def spy_optimizer(monkeypatch) -> list:
     built = []
-    real = trainer.build_optimizer
+    real = loop.build_optimizer
 
     def build(*args, **kwargs):
         built.append(real(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(trainer, "build_optimizer", build)
+    monkeypatch.setattr(loop, "build_optimizer", build)
     return built
 
 
@@ -207,7 +207,7 @@ def test_balanced_sampler_draws_classes_evenly_each_epoch(prepared, tmp_path, mo
 
 def test_early_stopping_stops_after_patience_epochs_and_stays_stopped(prepared, tmp_path, monkeypatch):
     # A validation that never improves after epoch 1 makes the stopping epoch exact.
-    monkeypatch.setattr(trainer._Loop, "_validate",
+    monkeypatch.setattr(loop.Trainer, "validate",
                         lambda self: {"loss": 1.0, "accuracy": 0.5, "macro_f1": 0.5, "n": sum(VAL_COUNTS)})
     extra = ("train.early_stopping_patience=2", "train.head_stage.epochs=1", "train.full_stage.epochs=4",
              "train.max_steps_per_epoch=1")

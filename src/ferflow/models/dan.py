@@ -103,6 +103,16 @@ class DAN(nn.Module):
         fused = F.log_softmax(heads, dim=1).sum(dim=1) if self.num_heads > 1 else heads[:, 0]
         return self.bn(self.fc(fused)), maps.mean(dim=(2, 3)), heads
 
+    # DAN trains with its own objective (the trainer finds these hooks on the model:
+    # ferflow.training.losses.OwnObjective), not with cross-entropy on the logits alone.
+    def training_criterion(self, num_classes: int, label_smoothing: float, class_weights: Tensor | None) -> DANLoss:
+        return DANLoss(num_classes, num_heads=self.num_heads, label_smoothing=label_smoothing,
+                       class_weights=class_weights)
+
+    def training_loss(self, criterion: DANLoss, logits: Tensor, outputs: tuple[Tensor, Tensor, Tensor],
+                      targets: Tensor) -> Tensor:
+        return criterion(outputs, targets)[0]  # the total; its parts are for inspection
+
 
 def load_trunk(model: DAN, source: Path | Mapping[str, Tensor]) -> None:
     """Load ResNet-18 trunk weights (e.g. resnet18_msceleb.pth) strictly; its `fc.*` head is dropped."""

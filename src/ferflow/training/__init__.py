@@ -1,1 +1,2 @@
-"""Fine-tuning: the loop, losses, schedules, augmentation and checkpoint/resume."""
+"""Fine-tuning: run setup and records (trainer), the loop (loop), reporting (callbacks),
+losses, optimizers and schedules (optim), augmentation, runtime and checkpoint/resume."""

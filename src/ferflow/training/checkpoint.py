@@ -46,7 +46,7 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     # best.safetensors is what gets evaluated and registered: never a diverged model. NaN
     # only: -inf is legitimate in buffers (MappedHead's group mask); the trainer checks
-    # parameters for inf too (trainer._Loop._check_finite).
+    # parameters for inf too (loop.Trainer._check_finite).
     bad = next((k for k, v in tensors.items() if v.is_floating_point() and bool(torch.isnan(v).any())), None)
     if bad is not None:
         raise FerflowError(f"not writing {path}: weight {bad} holds nan (training diverged)")

@@ -1,4 +1,5 @@
-"""Optimizers and learning-rate schedules of the fine-tuning recipes."""
+"""Optimizers (AdamW, Adam, SGD, SAM around any of them) and learning-rate schedules of the
+fine-tuning recipes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from ferflow.config import OptimizerSettings
+from ferflow.config import OptimizerSettings, TrainSettings
 
 
 def layer_decay_groups(model: nn.Module, head: Iterable[nn.Parameter], layer_decay: float) -> list[dict]:
@@ -107,3 +108,13 @@ def cosine_with_warmup(total_steps: int, warmup_fraction: float, min_ratio: floa
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainSettings,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per optimizer step over a stage's `total_steps`: `train.schedule`."""
+    if cfg.schedule == "constant":
+        factor = lambda _step: 1.0  # noqa: E731
+    else:
+        factor = cosine_with_warmup(total_steps, cfg.warmup_fraction, cfg.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
