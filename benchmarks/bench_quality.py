@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_train import FER7, HSEMOTION_RECIPE, STANDIN, WORK, ensure_prepared, load_params_like, standin_params  # noqa: E402
 
 from ferflow import stages  # noqa: E402
-from ferflow.training.checkpoint import atomic_write_json  # noqa: E402
+from ferflow.fileio import atomic_write_json  # noqa: E402
 from ferflow.training.trainer import recipe_hash  # noqa: E402
 
 DATASETS = ("LFW-FER", "M-LFW-FER", "M-LFW-FER-face-cut")
@@ -137,7 +137,7 @@ def frame_archive(source: Path, dest: Path, seed: int = 0) -> Path:
 
 def with_framed(base):
     """Params that also hold the framed archives (prepared with a face crop)."""
-    from ferflow.data.sources import sha256_file
+    from ferflow.fileio import sha256_file
 
     archives = base.data.model_dump(mode="json")["archives"]
     for name, framed in FRAMED.items():

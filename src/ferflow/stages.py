@@ -10,6 +10,7 @@ import yaml
 
 from ferflow.config import ArchiveSpec, Params, apply_override, dump_params, parse_override, validate
 from ferflow.errors import ConfigError, FerflowError
+from ferflow.fileio import atomic_write_text
 
 
 def check_names(params: Params, datasets: Iterable[str] = (), models: Iterable[str] = ()) -> None:
@@ -121,15 +122,7 @@ def _relative_to(path: Path, base: Path) -> str:
 
 
 def write_yaml_atomic(path: Path, tree: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise FerflowError(f"cannot write {path}: {exc}") from None
+    atomic_write_text(path, yaml.safe_dump(tree, sort_keys=False))
 
 
 @contextmanager
@@ -178,10 +171,10 @@ def evaluate(params: Params, dataset: str, model: str, eval_datasets: Optional[I
         service.check_reachable(service.resolve_tracking_uri(params.tracking), min(params.tracking.timeout_s, 5.0))
     summary = evaluate_run(params, dataset, model, eval_datasets)
     if tracked:
-        from ferflow.tracking.runs import log_evaluation
+        from ferflow.tracking.eval_logging import log_evaluation_run
 
         eval_dir = params.evaluate.out_dir / "fine-tuned" / dataset / model  # evaluate_run's out_root
-        log_evaluation(params, dataset, model, summary, eval_dir, run_dir=run_dir)
+        log_evaluation_run(params, dataset, model, summary, eval_dir, run_dir=run_dir)
     return summary
 
 
@@ -198,7 +191,7 @@ def report(params: Params, from_registry: bool = False):
     from ferflow.evaluation.report import collect_results, write_report
 
     if from_registry:
-        from ferflow.tracking.registry import registry_results
+        from ferflow.tracking.queries import registry_results
         from ferflow.tracking.service import configure
 
         configure(params)
@@ -210,8 +203,8 @@ def report(params: Params, from_registry: bool = False):
 
 def register(params: Params, dataset: str, model: str, run_dir: Optional[Path] = None):
     """Log the fine-tuned model to MLflow and register it as a new version (alias challenger)."""
-    from ferflow.tracking.registry import register as register_version
-    from ferflow.training.checkpoint import atomic_write_json
+    from ferflow.tracking.versioning import register as register_version
+    from ferflow.fileio import atomic_write_json
     from ferflow.training.trainer import run_dir_for
 
     check_names(params, [dataset], [model])
@@ -227,16 +220,15 @@ def promote(params: Params, dataset: str, metric: Optional[str] = None, min_delt
             rollback: bool = False, force: bool = False):
     """Move `champion` to the best challenger of a dataset's registered model, by the gate
     (better than the champion, and not below the zero-shot start; `force` skips both)."""
-    from ferflow.tracking import registry
-
-    from ferflow.training.checkpoint import atomic_write_json
+    from ferflow.tracking import aliases
+    from ferflow.fileio import atomic_write_json
 
     check_datasets(params, [dataset])
     name = params.registry.name_for(dataset)
     if rollback:
-        decision = registry.rollback(params, name)
+        decision = aliases.rollback(params, name)
     else:
-        decision = registry.promote(
+        decision = aliases.promote(
             params, name,
             metric=metric or params.registry.metric,
             min_delta=params.registry.min_delta if min_delta is None else min_delta,

@@ -19,7 +19,7 @@ from PIL import Image
 from ferflow.config import ArchiveSpec, PrepareSettings, SplitSettings
 from ferflow.data.archive import inspect_archive, open_zip, read_member
 from ferflow.data.prepare import prepare_dataset
-from ferflow.data.sources import sha256_file
+from ferflow.fileio import sha256_file
 from ferflow.errors import FerflowError
 
 CLASSES = ("negative", "neutral", "positive")

@@ -134,7 +134,7 @@ def test_synthesize_masks_writes_masked_and_face_cut_archives_prepare_reads(demo
     assert "mask placement: geometry" in capsys.readouterr().out
     assert sample.shape[2] == 3
 
-    from ferflow.data.sources import sha256_file
+    from ferflow.fileio import sha256_file
 
     params = load_params(demo_archives, [
         f'data.archives={{"LFW-FER-masked": {{"uri": "{out}", "sha256": "{sha256_file(out)}"}}, '

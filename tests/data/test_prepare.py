@@ -20,7 +20,7 @@ from ferflow.config import ArchiveSpec, PrepareSettings, SplitSettings
 from ferflow.data import prepare as prepare_mod
 from ferflow.data.cache import CachedSplit
 from ferflow.data.prepare import MANIFEST_COLUMNS, prepare_dataset
-from ferflow.data.sources import sha256_file
+from ferflow.fileio import sha256_file
 from ferflow.errors import FerflowError
 
 CLASSES = ("negative", "neutral", "positive")

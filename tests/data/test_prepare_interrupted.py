@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 from ferflow.config import load_params
-from ferflow.data.sources import sha256_file
+from ferflow.fileio import sha256_file
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ("negative", "neutral", "positive")

@@ -16,7 +16,7 @@ from ferflow import stages
 from ferflow.config import Params, load_params
 from ferflow.data.cache import CachedSplit
 from ferflow.data.prepare import _host_tag
-from ferflow.data.sources import sha256_file
+from ferflow.fileio import sha256_file
 from ferflow.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -25,6 +25,7 @@ import torch
 import yaml
 from torch import nn
 
+from ferflow.models.weights import tensors_sha256
 from ferflow import cli, stages
 from ferflow.config import load_params
 from ferflow.data.prepare import decode_photo
@@ -193,7 +194,7 @@ def test_dan_exports_with_its_tuple_output(tmp_path):
     diff = np.abs(export.OnnxPredictor(result.path).probabilities(images) - predictor.probabilities(images)).max()
     print(f"dan (random init, 64 px): export check {result.max_abs_diff:.3g}, again {diff:.3g}")
     assert diff <= 1e-4 and result.metadata["ferflow.weights_sha256_of"] == "state_dict"
-    assert result.metadata["ferflow.weights_sha256"] == export.state_dict_sha256(predictor.model)
+    assert result.metadata["ferflow.weights_sha256"] == tensors_sha256(predictor.model.state_dict().items())
 
 
 def zero_shot(entry, model: nn.Module, size: int, surprise: str = "ignore") -> inference.Predictor:
@@ -261,17 +262,17 @@ def test_standin_eval_images_through_the_fer7_checkpoint(tmp_path):
 
 
 def test_registered_version_carries_onnx_and_serves_on_onnxruntime(ws, tmp_path):
-    from ferflow.tracking import registry
+    from ferflow.tracking import packaging, versioning
 
     _root, params_file, _params, run_dir = ws
     params = load_params(params_file, ["serve.engine=onnx", f"registry.names.{DATASET}=export-{uuid.uuid4().hex[:8]}"])
-    version = registry.register(params, DATASET, run_dir)
+    version = versioning.register(params, DATASET, run_dir)
     tags = version.tags
-    assert tags[registry.ENGINE_TAG] == "onnx" and tags[registry.ONNX_PATH_TAG] == "artifacts/model.onnx"
+    assert tags[packaging.ENGINE_TAG] == "onnx" and tags[packaging.ONNX_PATH_TAG] == "artifacts/model.onnx"
     assert "| ONNX | `artifacts/model.onnx`" in version.description
     uri = f"models:/{version.name}/{version.version}"
     local = mlflow.artifacts.download_artifacts(f"{uri}/artifacts/model.onnx", dst_path=str(tmp_path))
-    assert hashlib.sha256(Path(local).read_bytes()).hexdigest() == tags[registry.ONNX_SHA_TAG]
+    assert hashlib.sha256(Path(local).read_bytes()).hexdigest() == tags[packaging.ONNX_SHA_TAG]
     assert export.read_metadata(local).source.startswith("runs:/")
 
     images = eval_jpegs(params.data.raw_dir / f"{DATASET}.zip", 12)
@@ -293,7 +294,7 @@ def test_registered_version_carries_onnx_and_serves_on_onnxruntime(ws, tmp_path)
 def test_an_export_failure_stops_registration_before_the_model_is_logged(ws, monkeypatch):
     from mlflow import MlflowClient
 
-    from ferflow.tracking import registry
+    from ferflow.tracking import queries, versioning
 
     def refuse(predictor, *args, **kwargs):
         raise FerflowError(f"cannot export {predictor.entry.name} (architecture x) to ONNX: no ONNX function")
@@ -301,8 +302,8 @@ def test_an_export_failure_stops_registration_before_the_model_is_logged(ws, mon
     monkeypatch.setattr(export, "export_onnx", refuse)
     params = load_params(ws[1], [f"registry.names.{DATASET}=refused-{uuid.uuid4().hex[:8]}"])
     with pytest.raises(FerflowError, match=r"not registered, every version carries its model.onnx: cannot export"):
-        registry.register(params, DATASET, ws[3])
-    assert registry._versions(MlflowClient(), params.registry.name_for(DATASET)) == []
+        versioning.register(params, DATASET, ws[3])
+    assert queries.versions(MlflowClient(), params.registry.name_for(DATASET)) == []
 
 
 def test_serve_engine_is_validated(ws):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import os
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ferflow.config import DemoSettings
+from ferflow.fileio import atomic_write_bytes
 from ferflow.labels import CLASSES
 
 DEMO_ARCHIVES = ("LFW-FER", "M-LFW-FER", "M-LFW-FER-face-cut")
@@ -265,15 +265,6 @@ def _zip_bytes(entries: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def generate_demo_archives(settings: DemoSettings, out_dir: Path | None = None) -> list[DemoArchive]:
     """Write the three demo zips and SHA256SUMS into out_dir (default settings.out_dir)."""
     out = Path(settings.out_dir if out_dir is None else out_dir)
@@ -296,11 +287,11 @@ def generate_demo_archives(settings: DemoSettings, out_dir: Path | None = None) 
     for name in DEMO_ARCHIVES:
         data = _zip_bytes(entries[name])
         path = out / f"{name}.zip"
-        _write_atomic(path, data)
+        atomic_write_bytes(path, data)
         n_images = sum(1 for k in entries[name] if k.endswith(".jpg"))
         archives.append(DemoArchive(name, path, hashlib.sha256(data).hexdigest(), len(data), n_images))
     sums = "".join(f"{a.sha256}  {a.path.name}\n" for a in archives)
-    _write_atomic(out / "SHA256SUMS", sums.encode())
+    atomic_write_bytes(out / "SHA256SUMS", sums.encode())
     return archives
 
 

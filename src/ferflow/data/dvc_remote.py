@@ -15,7 +15,6 @@ that copy to the lock.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import yaml
 
 from ferflow.config import ArchiveSpec, FetchSettings
 from ferflow.data.sources import download
+from ferflow.fileio import file_digest
 from ferflow.redact import redact_uri
 from ferflow.errors import FerflowError
 
@@ -81,11 +81,7 @@ def object_uri(remote: str, pin: DvcPin) -> str:
 
 
 def md5_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.md5(usedforsecurity=False)  # DVC's content address, not a security check
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path, "md5", chunk)  # DVC's content address, not a security check
 
 
 def fetch_pinned(specs: Iterable[ArchiveSpec], lock: Lock, remote: str, dest_dir: Path,

@@ -33,6 +33,7 @@ import requests
 
 from ferflow.config import ArchiveSpec, FetchSettings
 from ferflow.errors import FerflowError
+from ferflow.fileio import atomic_write_text, sha256_file
 from ferflow.redact import is_redacted, redact_uri
 
 log = logging.getLogger(__name__)
@@ -66,14 +67,6 @@ class _Mismatch(FerflowError):
 
 
 # ---------------------------------------------------------------------------- public API
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch_all(
@@ -288,9 +281,7 @@ def _already_verified(dest: Path, spec: ArchiveSpec, chunk: int) -> bool:
 def _write_stamp(dest: Path, digest: str) -> None:
     st = dest.stat()
     stamp = _stamp_path(dest)
-    tmp = stamp.with_name(stamp.name + ".tmp")
-    tmp.write_text(json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}))
-    os.replace(tmp, stamp)
+    atomic_write_text(stamp, json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}))
 
 
 # ---------------------------------------------------------------------------- dispatch

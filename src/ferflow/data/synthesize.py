@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import zipfile
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -29,8 +29,10 @@ from ferflow.data.archive import inspect_archive, open_zip, read_member
 from ferflow.data.faces import FaceDetector, detector_weights, read_weights_container
 from ferflow.data.layout import discover
 from ferflow.data.masks import COLOURS, STYLES, FaceGeometry, draw_masks, random_looks
-from ferflow.data.sources import sha256_file, verify_file
+from ferflow.data.sources import verify_file
+from ferflow.fileio import sha256_file
 from ferflow.errors import ConfigError, FerflowError
+from ferflow.fileio import atomic_path
 
 
 @dataclass
@@ -66,9 +68,9 @@ def synthesize_masks(
     cut_path = out.with_name(f"{name}-face-cut.zip") if face_cut else None
     result = SynthesisResult(out, cut_path, 0)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_masked = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp_cut = cut_path.with_name(f".{cut_path.name}.tmp-{os.getpid()}") if cut_path else None
-    try:
+    with ExitStack() as stack:  # both archives or neither: each is renamed in only if all went well
+        tmp_masked = stack.enter_context(atomic_path(out))
+        tmp_cut = stack.enter_context(atomic_path(cut_path)) if cut_path else None
         with open_zip(archive) as src, zipfile.ZipFile(tmp_masked, "w") as masked_zip, \
                 (zipfile.ZipFile(tmp_cut, "w") if tmp_cut else _Nothing()) as cut_zip:
             for entry in sorted(entries, key=lambda e: e.path):
@@ -90,13 +92,6 @@ def synthesize_masks(
                                      _encode(_face_cut(drawn, geometry), entry.path))
         if not result.n_images:
             raise FerflowError(f"{archive}: no image could be decoded; nothing written")
-        os.replace(tmp_masked, out)
-        if tmp_cut is not None:
-            os.replace(tmp_cut, cut_path)
-    finally:
-        for tmp in (tmp_masked, tmp_cut):
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
     return result
 
 

@@ -17,13 +17,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ferflow import fileio
 from ferflow.config import Params
 from ferflow.data.cache import CachedSplit
 from ferflow.evaluation.gallery import write_error_gallery
 from ferflow.evaluation.metrics import compute_metrics, write_evaluation
 from ferflow.labels import CLASSES
 from ferflow.models import inference
-from ferflow.training import checkpoint as ckpt
 from ferflow.training.runtime import select_device
 from ferflow.training.trainer import run_dir_for
 
@@ -51,7 +51,7 @@ def evaluate_run(params: Params, dataset: str, model_name: str, eval_datasets: O
                              lambda split: predictor.probabilities_of_split(split, batch), baseline)
     if dataset in summary:  # in-domain predictions, for DVC's confusion-matrix plot
         in_domain = out_root / dataset / "predictions.csv"
-        ckpt.atomic_write_bytes(out_root.with_name(f"{model_name}.predictions.csv"), in_domain.read_bytes())
+        fileio.atomic_write_bytes(out_root.with_name(f"{model_name}.predictions.csv"), in_domain.read_bytes())
     return summary
 
 
@@ -87,7 +87,7 @@ def _evaluate_each(params: Params, out_root: Path, eval_datasets: Optional[Itera
         if baseline is not None:
             before = compute_metrics(split.labels, baseline(split).argmax(1), CLASSES)
             summary[eval_ds].update({f"baseline_{k}": before[k] for k in ("accuracy", "macro_f1")})
-    ckpt.atomic_write_json(summary_path(out_root), summary)
+    fileio.atomic_write_json(summary_path(out_root), summary)
     return summary
 
 
@@ -126,7 +126,7 @@ def evaluate_zero_shot(params: Params, model_name: str, eval_datasets: Optional[
         # "before fine-tuning" row, which is recorded rather than failed.
         why_not = ("evaluate.zero_shot is false" if not params.evaluate.zero_shot
                    else _skip_reason(params, model_name))
-        ckpt.atomic_write_json(summary_path(out_root), {"skipped": why_not})
+        fileio.atomic_write_json(summary_path(out_root), {"skipped": why_not})
         out_root.mkdir(parents=True, exist_ok=True)
         return {}
     meta = {"model": model_name, "train_dataset": "none", "stage": "zero-shot", "surprise": params.evaluate.surprise}

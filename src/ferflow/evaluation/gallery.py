@@ -8,12 +8,13 @@ figure state) in matplotlib's bundled DejaVu font, so every machine draws the sa
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from ferflow.fileio import atomic_path
 
 TILE = 96  # px, square face tile
 GAP = 12  # px between tiles: room for the caption's width
@@ -135,11 +136,6 @@ def write_error_gallery(
                 name = Path(str(paths[index])).name
                 draw.text((left, top + TILE + 15), _fit(draw, name, small, TILE + GAP - 2), font=small, fill=FAINT)
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG", optimize=True)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return chosen

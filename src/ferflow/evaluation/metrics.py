@@ -19,6 +19,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 
 from ferflow.labels import CLASSES, METRICS
 from ferflow.errors import FerflowError
+from ferflow.fileio import atomic_path
 
 # metrics.json goes last: its presence marks a complete set (collect_results reads only it).
 EVALUATION_FILES = (
@@ -105,13 +106,8 @@ def plot_confusion(cm: Sequence[Sequence[int]] | np.ndarray, classes: Sequence[s
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, label="share of true class")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _scalar(value: Any) -> bool:

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ferflow.errors import FerflowError
+from ferflow.fileio import atomic_write_text
 
 # The seed project's published accuracies (%) with a 3-class head on each HSEmotion
 # checkpoint, on the real archives (shared/design/FACTS.md, "The seed's results").
@@ -242,20 +242,11 @@ def render_markdown(df: pd.DataFrame) -> str:
     return "\n".join(parts)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_report(df: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
     """results.md (tables) and results.csv (the long table, fractions) into out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / "results.md", "csv": out / "results.csv"}
-    _write_atomic(paths["markdown"], render_markdown(df))
-    _write_atomic(paths["csv"], df.to_csv(index=False, lineterminator="\n"))
+    atomic_write_text(paths["markdown"], render_markdown(df))
+    atomic_write_text(paths["csv"], df.to_csv(index=False, lineterminator="\n"))
     return paths

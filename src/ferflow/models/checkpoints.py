@@ -22,7 +22,6 @@ import collections
 import hashlib
 import io
 import json
-import os
 import pickle
 import struct
 import zipfile
@@ -38,6 +37,7 @@ import safetensors.torch
 import torch
 
 from ferflow.errors import FerflowError
+from ferflow.fileio import atomic_path
 
 _PLACEHOLDER_PACKAGES = ("timm", "torch.nn")
 _STORAGE_MODULES = ("torch", "torch.storage", "torch.cuda")  # torch<2 named GPU storages torch.cuda.*
@@ -114,13 +114,8 @@ def to_safetensors(path: Path, cache_dir: Path, limit: SizeLimit | None = None) 
     metadata = {k: str(v) for k, v in ckpt.meta.items() if v is not None and k != "format"}
     metadata["source_format"] = ckpt.meta["format"]
     cache_dir.mkdir(parents=True, exist_ok=True)
-    # Write beside and rename so a concurrent reader never sees a half-written file.
-    tmp = cache_dir / f".{target.name}.{os.getpid()}.tmp"
-    try:
+    with atomic_path(target) as tmp:  # a concurrent reader never sees a half-written file
         safetensors.torch.save_file(ckpt.state_dict, str(tmp), metadata=metadata)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves no partial file behind
     return target
 
 

@@ -10,6 +10,7 @@ before its tensors are read or cached, and applies to the cached copy as to the 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,17 @@ def load_pretrained(
     else:
         ckpt = read_checkpoint(to_safetensors(path, cache_dir / "safetensors", size_limit), size_limit)
     return PretrainedWeights(ckpt.state_dict, ckpt.meta, redact_uri(source), digest)
+
+
+def tensors_sha256(named) -> str:
+    """One digest of named tensors (name, dtype, shape and bytes), in name order: the same
+    weights give the same digest whatever device or memory layout they sit in."""
+    digest = hashlib.sha256()
+    for key, value in sorted(named, key=lambda kv: kv[0]):
+        tensor = value.detach().cpu().contiguous().reshape(-1)  # 0-d tensors cannot change dtype view
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def weights_cache() -> Path:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import yaml
 
 from ferflow.config import load_params, read_yaml
 from ferflow.errors import FerflowError
+from ferflow.fileio import atomic_path
 from ferflow.redact import redact_tree
 from ferflow.pipeline import configured_image
 from ferflow.pipeline.glue import matrix
@@ -221,14 +221,9 @@ def compile_pipeline(
     defaults = defaults or PipelineDefaults.from_checkout(repo)
     pipeline = (build or load_builder(repo))(options, defaults)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp.yaml")  # the compiler wants a .yaml name
-    try:
+    with atomic_path(out, suffix=".yaml") as tmp:  # the compiler wants a .yaml name
         compiler.Compiler().compile(pipeline, package_path=str(tmp))
         tmp.write_text(_stable_header(tmp.read_text(encoding="utf-8")), encoding="utf-8")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

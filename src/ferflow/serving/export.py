@@ -37,9 +37,7 @@ Predictor's interface (the pyfunc's `serve.engine: onnx`).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import os
 import re
 import threading
 from dataclasses import dataclass
@@ -50,8 +48,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ferflow.data.sources import sha256_file
 from ferflow.errors import FerflowError
+from ferflow.fileio import atomic_path, sha256_file
+from ferflow.models.weights import tensors_sha256
 from ferflow.models.inference import WEIGHTS, Predictor, forward
 from ferflow.models.preprocess import Preprocess
 from ferflow.serving.reference import REGISTRY_REF, WEIGHTS_TAG
@@ -175,7 +174,7 @@ def export_onnx(predictor: Predictor, out: Path, *, source: str = "", weights_sh
             raise FerflowError(f"cannot export {name} to ONNX{f' opset {opset}' if opset else ''}: "
                                f"{_first_line(exc)}") from exc
     if weights_sha256 is None:
-        weights_sha256, weights_of = state_dict_sha256(predictor.model), "state_dict"
+        weights_sha256, weights_of = tensors_sha256(predictor.model.state_dict().items()), "state_dict"
     props = {**_metadata(predictor, source, weights_sha256, weights_of), **(extra_metadata or {})}
     onnx.helper.set_model_props(proto, props)
     proto.doc_string = (f"ferflow {predictor.entry.name}: uint8 RGB NCHW images at {size} px (0..255; "
@@ -184,14 +183,9 @@ def export_onnx(predictor: Predictor, out: Path, *, source: str = "", weights_sh
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:  # noqa: BLE001
         raise FerflowError(f"the ONNX graph of {name} fails onnx.checker: {_first_line(exc)}") from exc
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
+    with atomic_path(out, suffix=".onnx") as tmp:  # checked before it takes the name
         onnx.save_model(proto, str(tmp))
         diff = check_parity(predictor, tmp, tolerance)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
     opset_used = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     return Exported(out, sha256_file(out), int(opset_used), diff, props)
 
@@ -336,15 +330,6 @@ def _weights_digest(ref: str, predictor: Predictor, params) -> tuple[Optional[st
     if predictor.collapse is not None and pinned:
         return pinned, "pretrained checkpoint", {}
     return None, "state_dict", {}
-
-
-def state_dict_sha256(model: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        tensor = value.detach().cpu().contiguous().reshape(-1)  # 0-d tensors cannot change dtype view
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 def _slug(ref: str) -> str:

@@ -31,7 +31,7 @@ from ferflow.models import inference
 REGISTRY_PREFIX = "models:/"
 REGISTRY_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 _ARTIFACT_KEYS = {"weights": inference.WEIGHTS, "run_json": inference.RUN_JSON}
-WEIGHTS_TAG = "model.weights_sha256"  # ferflow.tracking.registry.WEIGHTS_TAG, without importing mlflow early
+WEIGHTS_TAG = "model.weights_sha256"  # ferflow.tracking.packaging.WEIGHTS_TAG, without importing mlflow early
 
 
 class ModelRefError(ConfigError):
@@ -137,7 +137,8 @@ def _download(ref: str, version, tracking_uri: str) -> Path:
     """A folder with the version's best.safetensors and run.json, from the cache when it
     holds them with the weights the version records."""
     from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
-    from ferflow.data.sources import cache_root, sha256_file
+    from ferflow.data.sources import cache_root
+    from ferflow.fileio import sha256_file
 
     key = hashlib.sha256(f"{tracking_uri}\n{version.source}\n{version.name}/{version.version}".encode()).hexdigest()
     folder = cache_root() / "registry" / key[:24]

@@ -8,38 +8,22 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import os
 import random
 import re
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from ferflow.errors import FerflowError
+from ferflow.fileio import atomic_path, atomic_write_bytes, atomic_write_json  # noqa: F401 - tracking.rundir still imports them here
 
 BEST = "best.safetensors"
 RUN_JSON = "run.json"  # what was trained (trainer) and how to feed it (models.inference)
 LAST = "last.pt"
 HISTORY_JSON = "history.json"
 HISTORY_CSV = "history.csv"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -50,9 +34,8 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict
     bad = next((k for k, v in tensors.items() if v.is_floating_point() and bool(torch.isnan(v).any())), None)
     if bad is not None:
         raise FerflowError(f"not writing {path}: weight {bad} holds nan (training diverged)")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -5,7 +5,6 @@ What the run is (model, data, run.json, train_metrics.json) is ferflow.training.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -18,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ferflow import fileio
 from ferflow.config import TrainSettings
 from ferflow.data.cache import CachedSplit
 from ferflow.data.loader import CacheLoader, EpochBatchSampler
@@ -26,6 +26,7 @@ from ferflow.errors import FerflowError
 from ferflow.labels import CLASSES
 from ferflow.models.inference import forward
 from ferflow.models.preprocess import Preprocess
+from ferflow.models.weights import tensors_sha256
 from ferflow.training import checkpoint as ckpt
 from ferflow.training.augment import augment
 from ferflow.training.callbacks import CallbackList
@@ -226,13 +227,10 @@ class Trainer:
         out = os.environ.get("FERFLOW_PARAMS_DIGEST_DIR")
         if not out:
             return
-        digest = hashlib.sha256()
-        for name, p in self.model.named_parameters():
-            digest.update(name.encode())
-            digest.update(p.detach().cpu().contiguous().numpy().tobytes())
-        Path(out).mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_json(Path(out) / f"rank{self.rt.rank}.json",
-                               {"rank": self.rt.rank, "world_size": self.rt.world_size, "sha256": digest.hexdigest()})
+        # Parameters only: BatchNorm's running stats are updated locally after DDP's broadcast.
+        digest = tensors_sha256(self.model.named_parameters())
+        fileio.atomic_write_json(Path(out) / f"rank{self.rt.rank}.json",
+                                 {"rank": self.rt.rank, "world_size": self.rt.world_size, "sha256": digest})
 
     def _save_best(self, epoch: int) -> None:
         source = self.ema.module if self.ema is not None else self.model

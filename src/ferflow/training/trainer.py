@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 from torch import nn
 
-from ferflow import __version__
+from ferflow import __version__, fileio
 from ferflow.config import Params, TrainSettings, dump_params
 from ferflow.data.cache import CachedSplit
 from ferflow.errors import FerflowError
@@ -104,7 +104,7 @@ def train(
             run_dir.mkdir(parents=True, exist_ok=True)
             # What serving must do to an image to give it what training saw (models.inference).
             preprocess = Preprocess.for_training(entry, size, params.prepare).as_record()
-            ckpt.atomic_write_json(run_dir / ckpt.RUN_JSON, {**info, "params": redact_tree(dump_params(params)),
+            fileio.atomic_write_json(run_dir / ckpt.RUN_JSON, {**info, "params": redact_tree(dump_params(params)),
                                                              "classes": list(CLASSES), "preprocess": preprocess})
         console = rt.is_main and not any(isinstance(cb, ConsoleCallback) for cb in callbacks)
         reporters = CallbackList([ConsoleCallback(), *callbacks] if console else callbacks)
@@ -148,7 +148,7 @@ def _validation_split(data_dir: Path, size: int) -> CachedSplit:
 
 def _write_train_metrics(result: TrainResult) -> None:
     speeds = [h["images_per_s"] for h in result.history if h["images_per_s"]]  # epoch 0 trains nothing
-    ckpt.atomic_write_json(result.run_dir / TRAIN_METRICS, {
+    fileio.atomic_write_json(result.run_dir / TRAIN_METRICS, {
         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, **result.best_metrics,
         "train_images_per_s": float(np.mean(speeds)) if speeds else 0.0,
     })
