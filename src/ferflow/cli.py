@@ -192,7 +192,7 @@ def train(
     out.print(f"best epoch {result.best_epoch}: {best}")
     out.print(f"run directory: {result.run_dir}")
     if cfg.tracking.enabled:
-        from ferflow.tracking.runs import read_run_ref
+        from ferflow.tracking.rundir import read_run_ref
 
         ref = read_run_ref(result.run_dir)
         if ref:
@@ -384,21 +384,18 @@ def parent_run_cmd(
     """
     import subprocess
 
-    from ferflow.tracking.runs import parent_run
+    from ferflow.tracking.parent_runs import parent_run
 
     cfg = _load(params, set_, verbose)
     if not ctx.args:
         raise ConfigError("ferflow parent-run: give the command to run after --, e.g. -- dvc repro")
     if not cfg.tracking.enabled:
         raise typer.Exit(subprocess.call(ctx.args))
-    try:
-        with parent_run(cfg, name) as run_id:
-            out.print(f"MLflow parent run {run_id} ({name})")
-            code = subprocess.call(ctx.args)
-            if code:
-                raise FerflowError(f"{' '.join(ctx.args)} exited with {code}")
-    except FerflowError:
-        raise
+    with parent_run(cfg, name) as run_id:
+        out.print(f"MLflow parent run {run_id} ({name})")
+        code = subprocess.call(ctx.args)
+        if code:
+            raise FerflowError(f"{' '.join(ctx.args)} exited with {code}")
     raise typer.Exit(0)
 
 

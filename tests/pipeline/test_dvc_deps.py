@@ -52,9 +52,9 @@ ALLOWED = {  # paths as in deps: a folder covers everything under it
     "fetch": {"src/ferflow": "the archive's bytes are pinned by its sha256 in params (data.archives), so no "
                              "code can change them; test_dvc_fetch runs this stage in a workspace without src/"},
     "train": {f"src/ferflow/tracking/{m}.py": _MLFLOW_ONLY for m in ("runs", "service", "lineage")},
-    "evaluate": {f"src/ferflow/tracking/{m}.py": _MLFLOW_ONLY for m in ("runs", "service", "lineage")},
+    "evaluate": {f"src/ferflow/tracking/{m}.py": _MLFLOW_ONLY for m in ("eval_logging", "service", "lineage")},
     "report": {f"src/ferflow/tracking/{m}.py": "read only with --from-registry, which the stage's cmd never passes"
-               for m in ("registry", "service")},
+               for m in ("queries", "service")},
 }
 
 

@@ -71,11 +71,11 @@ def ws(tmp_path_factory):
         stages.prepare(params, [DATASET])
         stages.train(params, DATASET, MODEL)
         stages.evaluate(params, DATASET, MODEL, [DATASET])
-        from ferflow.tracking import registry, service
+        from ferflow.tracking import aliases, service
 
         try:
             stages.register(params, DATASET, MODEL)
-            assert registry.promote(params, params.registry.name_for(DATASET)).action == "promoted"
+            assert aliases.promote(params, params.registry.name_for(DATASET)).action == "promoted"
         finally:
             service.reset()
     return root, params_file, params

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from ferflow.tracking import registry, service
+from ferflow.tracking import service, versioning
 from tracking.test_registry import DATASET, tracking, trained, variant  # noqa: F401 - fixtures
 
 REPO = Path(__file__).resolve().parents[2]
@@ -118,8 +118,8 @@ def test_the_same_run_registered_twice_at_once_is_one_version(trained, store, tm
     (run / "mlflow_run.json").write_text(json.dumps({"run_id": recorded}))
     name = params.registry.name_for(DATASET)
 
-    first, second = _at_once(lambda: registry.register(params, DATASET, run),
-                             lambda: registry.register(params, DATASET, run))
+    first, second = _at_once(lambda: versioning.register(params, DATASET, run),
+                             lambda: versioning.register(params, DATASET, run))
     assert str(first.version) == str(second.version)
     client = MlflowClient(uri, registry_uri=uri)
     live = _live_versions(client, name)
@@ -146,20 +146,20 @@ def test_another_run_with_the_same_weights_gets_its_own_version(trained, tmp_pat
         (run_dir / "mlflow_run.json").write_text(json.dumps({"run_id": runs[run_dir]}))
     name = params.registry.name_for(DATASET)
 
-    baseline = registry.register(params, DATASET, base)
+    baseline = versioning.register(params, DATASET, base)
     monkeypatch.setenv("DVC_EXP_NAME", "tidy-tern")
-    tried = registry.register(params, DATASET, trial)
+    tried = versioning.register(params, DATASET, trial)
     assert str(tried.version) != str(baseline.version)
     assert tried.tags["dvc.experiment"] == "tidy-tern" and tried.run_id == runs[trial]
     assert tried.tags["model.weights_sha256"] == baseline.tags["model.weights_sha256"]
-    assert registry.register(params, DATASET, trial).version == tried.version
+    assert versioning.register(params, DATASET, trial).version == tried.version
     monkeypatch.delenv("DVC_EXP_NAME")
-    again = registry.register(params, DATASET, base)
+    again = versioning.register(params, DATASET, base)
     assert again.version == baseline.version and "dvc.experiment" not in again.tags
     # Without a recorded MLflow run a run directory stands for the run.
     (trial / "mlflow_run.json").unlink()
     monkeypatch.setenv("DVC_EXP_NAME", "tidy-tern")
-    standin = registry.register(params, DATASET, trial)
+    standin = versioning.register(params, DATASET, trial)
     assert standin.tags["ferflow.registered_from_run_dir"] == "true"
-    assert registry.register(params, DATASET, trial).version == standin.version
+    assert versioning.register(params, DATASET, trial).version == standin.version
     assert len(_live_versions(client, name)) == 3

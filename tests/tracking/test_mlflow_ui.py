@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from ferflow.tracking import registry
+from ferflow.tracking import aliases, versioning
 from tracking.test_registry import DATASET, REPO, tracking, trained, variant  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slow
@@ -74,8 +74,8 @@ def visible_text(dom: str) -> str:
 def test_model_page_shows_champion(chromium, trained, tracking, tmp_path):
     params, run_dir = variant(trained, tracking.uri, tmp_path / "v1")
     name = params.registry.name_for(DATASET)
-    version = registry.register(params, DATASET, run_dir)
-    decision = registry.promote(params, name)
+    version = versioning.register(params, DATASET, run_dir)
+    decision = aliases.promote(params, name)
     assert decision.action == "promoted", decision
     champion = MlflowClient().get_model_version_by_alias(name, "champion")
     assert str(champion.version) == str(version.version)

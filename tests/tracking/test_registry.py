@@ -26,7 +26,8 @@ from ferflow.config import load_params
 from ferflow.labels import CLASSES
 from ferflow.errors import FerflowError
 from ferflow.evaluation.report import collect_results
-from ferflow.tracking import registry
+from ferflow.tracking import aliases, packaging, queries, versioning
+from ferflow.tracking.promotion import contenders, decide, passed_over
 
 REPO = Path(__file__).resolve().parents[2]
 DATASET, MODEL = "LFW-FER", "demo_tiny"
@@ -149,14 +150,14 @@ def test_a_model_below_its_zero_shot_start_is_never_promoted_unless_forced(train
     params, run1 = variant(trained, tracking.uri, tmp_path / "v1", 0.55, 1, f"registry.records_dir={tmp_path / 'rec'}",
                            baseline=0.6)
     name = params.registry.name_for(DATASET)
-    v1 = registry.register(params, DATASET, run1)
+    v1 = versioning.register(params, DATASET, run1)
     assert float(v1.tags["eval_baseline_accuracy"]) == pytest.approx(0.6)
     assert "zero-shot accuracy %" in v1.description and "| 60.00 | −5.00 |".replace("−", "-") in v1.description
 
     refused = stages.promote(params, DATASET)
     assert refused.action == "refused" and refused.candidate_version == "1"
     assert "0.5500" in refused.reason and "0.6000" in refused.reason and "starting point" in refused.reason
-    assert "champion" not in aliases(client, name)
+    assert "champion" not in queries.aliases(client, name)
     assert "starting point" in client.get_model_version(name, "1").tags["promotion.reason"]
     record = json.loads((params.registry.records_dir / "promotions" / f"{DATASET}.json").read_text())
     assert record["action"] == "refused"
@@ -164,20 +165,20 @@ def test_a_model_below_its_zero_shot_start_is_never_promoted_unless_forced(train
     # One at or above its start is promoted as usual; the one below stays out.
     p2, run2 = variant(trained, tracking.uri, tmp_path / "v2", 0.62, 2, baseline=0.6)
     (p2,) = same_names(params, p2)
-    v2 = registry.register(p2, DATASET, run2)
+    v2 = versioning.register(p2, DATASET, run2)
     won = stages.promote(params, DATASET)
     assert won.action == "promoted" and won.candidate_version == str(v2.version)
 
-    forced = registry.promote(params, name, force=True)  # nothing newer: the challenger alias is gone
+    forced = aliases.promote(params, name, force=True)  # nothing newer: the challenger alias is gone
     assert forced.action == "refused"
     p3, run3 = variant(trained, tracking.uri, tmp_path / "v3", 0.7, 3, baseline=0.75)
     (p3,) = same_names(params, p3)
-    v3 = registry.register(p3, DATASET, run3)
+    v3 = versioning.register(p3, DATASET, run3)
     assert stages.promote(params, DATASET).action == "refused"
     forced = stages.promote(params, DATASET, force=True)
     assert forced.action == "promoted" and forced.candidate_version == str(v3.version)
 
-    results = registry.registry_results(params)
+    results = queries.registry_results(params)
     zero = results[(results["stage"] == "zero-shot") & (results["eval_dataset"] == DATASET)]
     assert list(zero["accuracy"]) == [pytest.approx(0.75)]  # the champion's starting point
 
@@ -188,23 +189,23 @@ def test_dvc_experiment_trials_are_tagged_and_never_move_champion(trained, track
     client = MlflowClient()
     params, run1 = variant(trained, tracking.uri, tmp_path / "v1", 0.6, 1, f"registry.records_dir={tmp_path / 'rec'}")
     name = params.registry.name_for(DATASET)
-    registry.register(params, DATASET, run1)
+    versioning.register(params, DATASET, run1)
     assert stages.promote(params, DATASET).action == "promoted"  # v1 champion, outside any trial
 
     monkeypatch.setenv("DVC_EXP_NAME", "lucid-lr")
     p2, run2 = variant(trained, tracking.uri, tmp_path / "v2", 0.9, 2)
     (p2,) = same_names(params, p2)
-    v2 = registry.register(p2, DATASET, run2)
+    v2 = versioning.register(p2, DATASET, run2)
     assert v2.tags["dvc.experiment"] == "lucid-lr"
     skipped = stages.promote(params, DATASET)
     assert skipped.action == "skipped" and "lucid-lr" in skipped.reason and skipped.champion_version == "1"
-    assert aliases(client, name)["champion"] == "1" and aliases(client, name)["challenger"] == str(v2.version)
+    assert queries.aliases(client, name)["champion"] == "1" and queries.aliases(client, name)["challenger"] == str(v2.version)
     record = json.loads((params.registry.records_dir / "promotions" / f"{DATASET}.json").read_text())
     assert record["action"] == "skipped" and record["champion_after"] == "1"
 
     asked = params.model_copy(update={"registry": params.registry.model_copy(update={"promote_in_experiments": True})})
     won = stages.promote(asked, DATASET)
-    assert won.action == "promoted" and aliases(client, name)["champion"] == str(v2.version)
+    assert won.action == "promoted" and queries.aliases(client, name)["champion"] == str(v2.version)
 
 
 def test_register_promote_rollback_then_serve_champion(trained, tracking, tmp_path):
@@ -217,10 +218,10 @@ def test_register_promote_rollback_then_serve_champion(trained, tracking, tmp_pa
     experiment = client.create_experiment(params.tracking.experiment)
     run = client.create_run(experiment, tags={"lineage.git_commit": "0123abc"})
     (run1 / "mlflow_run.json").write_text(json.dumps({"run_id": run.info.run_id}))
-    info = registry.log_model(run1)
+    info = packaging.log_model(run1)
     assert info.run_id == run.info.run_id and info.model_id
 
-    v1 = registry.register(params, DATASET, run1)
+    v1 = versioning.register(params, DATASET, run1)
     assert v1.version in ("1", 1) and v1.aliases == ["challenger"]
     # The model logged above is reused, not logged twice.
     assert [o.model_id for o in client.get_run(run.info.run_id).outputs.model_outputs] == [info.model_id]
@@ -235,50 +236,50 @@ def test_register_promote_rollback_then_serve_champion(trained, tracking, tmp_pa
     assert tags["model.weights_sha256"] == hashlib.sha256((run1 / "best.safetensors").read_bytes()).hexdigest()
     assert tags["lineage.git_commit"] == "0123abc" and tags["source_run_id"] == run.info.run_id
     assert "non-commercial" in v1.description and "| LFW-FER (in-domain) |" in v1.description
-    assert registry.register(params, DATASET, run1).version == v1.version  # idempotent
+    assert versioning.register(params, DATASET, run1).version == v1.version  # idempotent
 
-    first = registry.promote(params, name)
+    first = aliases.promote(params, name)
     assert first.action == "promoted" and first.candidate_version == "1" and "no champion" in first.reason
-    assert aliases(client, name) == {"champion": "1"}
+    assert queries.aliases(client, name) == {"champion": "1"}
     assert client.get_model_version(name, "1").tags["promotion.decision"] == "promoted"
 
     # Worse, registered from a run dir without any MLflow run: refused, and the tags say why.
     acc1 = float(tags["eval_accuracy"])
     p2, run2 = variant(trained, uri, tmp_path / "v2", acc1 - 0.1, 2)
     (p2,) = same_names(params, p2)
-    v2 = registry.register(p2, DATASET, run2)
+    v2 = versioning.register(p2, DATASET, run2)
     assert v2.tags["ferflow.registered_from_run_dir"] == "true"
     runs_before = len(client.search_runs([experiment]))
-    assert registry.register(p2, DATASET, run2).version == v2.version  # a retry adds nothing
+    assert versioning.register(p2, DATASET, run2).version == v2.version  # a retry adds nothing
     assert len(client.search_runs([experiment])) == runs_before
-    refused = registry.promote(params, name)
+    refused = aliases.promote(params, name)
     assert refused.action == "refused" and refused.candidate_version == str(v2.version)
     assert refused.champion_version == "1" and refused.champion_value == pytest.approx(acc1)
     t2 = client.get_model_version(name, v2.version).tags
     assert t2["promotion.decision"] == "refused" and "does not beat champion v1" in t2["promotion.reason"]
     assert float(t2["promotion.champion_value"]) == pytest.approx(acc1) and t2["promotion.at"]
-    assert aliases(client, name)["champion"] == "1"
+    assert queries.aliases(client, name)["champion"] == "1"
 
     # Better, with an mlflow_run.json naming a run the server does not know: promoted.
     p3, run3 = variant(trained, uri, tmp_path / "v3", acc1 + 0.05, 3)  # a made-up number: it may exceed 1
     (p3,) = same_names(params, p3)
     (run3 / "mlflow_run.json").write_text(json.dumps({"run_id": uuid.uuid4().hex}))
-    v3 = registry.register(p3, DATASET, run3)
+    v3 = versioning.register(p3, DATASET, run3)
     source = client.get_run(v3.run_id)
     assert source.data.tags["ferflow.registered_from_run_dir"] == "true"
     assert "ferflow.original_run_id" in source.data.tags
-    won = registry.promote(params, name)
+    won = aliases.promote(params, name)
     assert won.action == "promoted" and won.candidate_version == str(v3.version), won
-    assert aliases(client, name) == {"champion": str(v3.version), "previous-champion": "1"}
+    assert queries.aliases(client, name) == {"champion": str(v3.version), "previous-champion": "1"}
     assert client.get_model_version(name, "1").tags["promotion.replaced_by"] == str(v3.version)
 
-    back = registry.rollback(params, name)
+    back = aliases.rollback(params, name)
     assert back.action == "rolled-back" and back.candidate_version == "1"
-    assert aliases(client, name) == {"champion": "1", "previous-champion": str(v3.version)}
+    assert queries.aliases(client, name) == {"champion": "1", "previous-champion": str(v3.version)}
     assert client.get_model_version(name, "1").tags["promotion.decision"] == "rolled-back"
     # The version rolled back from is not promoted again by the next run of the gate.
-    assert registry.promote(params, name).action == "refused"
-    assert aliases(client, name)["champion"] == "1"
+    assert aliases.promote(params, name).action == "refused"
+    assert queries.aliases(client, name)["champion"] == "1"
 
     # Evaluated on other data: not comparable, refused; force overrides and says so.
     other = tmp_path / "prepared-other" / DATASET
@@ -286,18 +287,18 @@ def test_register_promote_rollback_then_serve_champion(trained, tracking, tmp_pa
     (other / "report.json").write_text(json.dumps({**report, "manifest_sha256": "f" * 64}))
     p4, run4 = variant(trained, uri, tmp_path / "v4", 0.99, 4, f"data.prepared_dir={other.parent}")
     (p4,) = same_names(params, p4)
-    v4 = registry.register(p4, DATASET, run4)
-    stale = registry.promote(params, name)
+    v4 = versioning.register(p4, DATASET, run4)
+    stale = aliases.promote(params, name)
     assert stale.action == "refused" and stale.candidate_version == str(v4.version)
     assert "not comparable" in stale.reason
-    forced = registry.promote(params, name, force=True)
+    forced = aliases.promote(params, name, force=True)
     assert forced.action == "promoted" and forced.candidate_version == str(v4.version)
     assert "forced" in client.get_model_version(name, v4.version).tags["promotion.reason"]
-    registry.rollback(params, name)
-    assert aliases(client, name) == {"champion": "1", "previous-champion": str(v4.version)}
+    aliases.rollback(params, name)
+    assert queries.aliases(client, name) == {"champion": "1", "previous-champion": str(v4.version)}
 
     # The registry renders the same long table as the evaluation files (champion v1's).
-    from_registry = registry.registry_results(params)
+    from_registry = queries.registry_results(params)
     expected = collect_results(trained[2])
     expected = expected[expected["stage"] == "fine-tuned"]
     pd.testing.assert_frame_equal(sort(from_registry), sort(expected), check_exact=False, rtol=1e-12)
@@ -326,10 +327,6 @@ def test_register_promote_rollback_then_serve_champion(trained, tracking, tmp_pa
         model.predict(pd.DataFrame({"image": [encoded["image"][0], "not base64!"]}))
 
 
-def aliases(client, name) -> dict[str, str]:
-    return {k: str(v) for k, v in client.get_registered_model(name).aliases.items()}
-
-
 def sort(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values(["model", "train_dataset", "eval_dataset"]).reset_index(drop=True)
 
@@ -347,7 +344,7 @@ def test_concurrent_registrations_get_distinct_versions(trained, tracking, tmp_p
     def go(key, p, run):
         try:
             barrier.wait()
-            results[key] = registry.register(p, DATASET, run)
+            results[key] = versioning.register(p, DATASET, run)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -365,10 +362,10 @@ def test_concurrent_registrations_get_distinct_versions(trained, tracking, tmp_p
         assert tags["model.weights_sha256"] == hashlib.sha256((run / "best.safetensors").read_bytes()).hexdigest()
         assert float(tags["eval_accuracy"]) == pytest.approx(acc)
         assert versions[key].run_id == tags["source_run_id"]
-    assert aliases(client, name)["challenger"] in {"1", "2"}
-    decision = registry.promote(pa, name)  # whichever holds `challenger`, the better one wins
+    assert queries.aliases(client, name)["challenger"] in {"1", "2"}
+    decision = aliases.promote(pa, name)  # whichever holds `challenger`, the better one wins
     assert decision.action == "promoted" and decision.candidate_version == str(versions["b"].version)
-    assert aliases(client, name) == {"champion": str(versions["b"].version)}
+    assert queries.aliases(client, name) == {"champion": str(versions["b"].version)}
     loser = client.get_model_version(name, versions["a"].version).tags
     assert loser.get("promotion.decision", "refused") == "refused"
 
@@ -391,14 +388,14 @@ def test_register_with_server_down_then_again_later(trained, s3_server, tmp_path
     before = digest_tree(run)
     try:
         with pytest.raises(FerflowError, match=re.escape(first.uri) + ".*not reachable"):
-            registry.register(params, DATASET, run)
+            versioning.register(params, DATASET, run)
         assert digest_tree(run) == before  # nothing written, nothing lost
 
         second = start_mlflow_server(tmp_path / "second", s3_server, f"later-{uuid.uuid4().hex[:8]}")
         try:
             use_server(second.uri, monkeypatch)
             later = params.model_copy(update={"tracking": params.tracking.model_copy(update={"tracking_uri": second.uri})})
-            version = registry.register(later, DATASET, run)
+            version = versioning.register(later, DATASET, run)
             assert version.aliases == ["challenger"] and version.tags["ferflow.registered_from_run_dir"] == "true"
             source = MlflowClient().get_run(version.run_id)
             assert source.data.tags["ferflow.original_run_id"] == run_id
@@ -412,10 +409,10 @@ def test_register_with_server_down_then_again_later(trained, s3_server, tmp_path
 # ---------------------------------------------------------------------------- the gate alone
 
 
-def _mv(version: int, accuracy: float | None, digest: str = "a" * 64):
+def _mv(version: int, accuracy: float | None, digest: str = "a" * 64, **extra: str):
     from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
 
-    tags = {"eval.manifest_sha256": digest, "eval.split": "eval"}
+    tags = {"eval.manifest_sha256": digest, "eval.split": "eval", **extra}
     if accuracy is not None:
         tags["eval_accuracy"] = repr(accuracy)
     return ModelVersion("m", str(version), 0, tags=[ModelVersionTag(k, v) for k, v in tags.items()])
@@ -429,7 +426,7 @@ def _mv(version: int, accuracy: float | None, digest: str = "a" * 64):
 ])
 def test_gate_needs_a_strict_improvement_of_at_least_min_delta(challenger_acc, min_delta, action):
     champion, challenger = _mv(1, 0.80), _mv(2, challenger_acc)
-    decision = registry._decide("m", champion, challenger, [challenger], "eval_accuracy", min_delta, False)
+    decision = decide("m", champion, challenger, [challenger], "eval_accuracy", min_delta, False)
     assert (decision.action, decision.candidate_version, decision.champion_version) == (action, "2", "1")
     assert decision.tags()["promotion.decision"] == action and decision.tags()["promotion.champion_value"] == "0.8"
 
@@ -437,12 +434,28 @@ def test_gate_needs_a_strict_improvement_of_at_least_min_delta(challenger_acc, m
 def test_gate_other_data_missing_metric_and_newest_data_first():
     champion = _mv(1, 0.80)
     other = _mv(2, 0.95, "b" * 64)
-    refused = registry._decide("m", champion, other, [other], "eval_accuracy", 0.0, False)
+    refused = decide("m", champion, other, [other], "eval_accuracy", 0.0, False)
     assert refused.action == "refused" and "not comparable" in refused.reason
     unevaluated = _mv(3, None)
-    assert "no 'eval_accuracy' tag" in registry._decide("m", champion, unevaluated, [unevaluated],
-                                                        "eval_accuracy", 0.0, False).reason
+    assert "no 'eval_accuracy' tag" in decide("m", champion, unevaluated, [unevaluated],
+                                              "eval_accuracy", 0.0, False).reason
     # No champion: a better score on older data loses to the newest data's best.
     old, new_a, new_b = _mv(1, 0.99, "o" * 64), _mv(2, 0.70), _mv(3, 0.75)
-    first = registry._decide("m", None, None, [old, new_a, new_b], "eval_accuracy", 0.0, False)
+    first = decide("m", None, None, [old, new_a, new_b], "eval_accuracy", 0.0, False)
     assert (first.action, first.candidate_version) == ("promoted", "3")
+
+
+def test_contenders_and_a_challenger_passed_over():
+    demoted = {"rollback.demoted_at": "2024-01-01T00:00:00+00:00"}
+    v1, v2, v3, v4 = _mv(1, 0.80), _mv(2, 0.90), _mv(3, 0.95, **demoted), _mv(4, 0.85)
+    # Newer than the champion and not demoted by a rollback; the challenger always counts.
+    champion, challenger, candidates = contenders([v1, v2, v3, v4], {"champion": "2", "challenger": "1"})
+    assert (champion, challenger, candidates) == (v2, v1, [v1, v4])
+    assert contenders([v1, v2], {"champion": "2", "challenger": "2"}) == (v2, None, [])
+    # Two registrations raced for `challenger`: v3 holds it, v4 (newer, better) wins the gate.
+    v3 = _mv(3, 0.82)
+    decision = decide("m", v1, v3, [v3, v4], "eval_accuracy", 0.0, False, at="2024-01-02T00:00:00+00:00")
+    assert (decision.action, decision.candidate_version, decision.at) == ("promoted", "4", "2024-01-02T00:00:00+00:00")
+    lost = passed_over(decision, v3)
+    assert (lost.action, lost.candidate_version, lost.candidate_value) == ("refused", "3", 0.82)
+    assert lost.reason.startswith("v4 was promoted instead: ") and lost.champion_version == "1"

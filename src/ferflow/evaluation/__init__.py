@@ -1,4 +1,6 @@
 """Evaluation: metrics and confusion matrices per (model, train dataset, eval dataset), the
-zero-shot mapping of HSEmotion heads to the 3 classes, and the results report beside the
-seed's published numbers. Knows nothing of models, training or MLflow: it takes labels and
-probabilities and writes plain files that DVC and the report stage read."""
+zero-shot row of a pretrained head mapped to the 3 classes, the error gallery, and the
+results report beside the seed's published numbers. `metrics`, `gallery` and `report` take
+labels and probabilities and write plain files; `evaluate` loads a trained run (or a zoo
+model) through models.inference and feeds them. Knows nothing of MLflow: tracking logs
+what it writes."""

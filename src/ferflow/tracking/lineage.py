@@ -6,7 +6,7 @@ decides whether one may happen.
 
 KFP run id: `KFP_RUN_ID` when set (on a cluster, the pipeline maps the pod's
 `pipeline/runid` label into it; the uncached register task also gets it as an input), else
-`ARGO_WORKFLOW_NAME` (set by Argo-based executors), else "none".
+`ARGO_WORKFLOW_NAME` (set by Argo-based executors), else "none". DVC trial: `DVC_EXP_NAME`.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ REPORT = "report.json"
 MANIFEST = "manifest.parquet"
 DVC_LOCK = Path("dvc.lock")
 KFP_RUN_ENV = ("KFP_RUN_ID", "ARGO_WORKFLOW_NAME")
+# DVC names the experiment in the environment of the stages `dvc exp run` runs.
+DVC_EXPERIMENT_ENV = "DVC_EXP_NAME"
+EXPERIMENT_TAG = "dvc.experiment"  # on versions registered in a trial
 # mlflow/utils/validation.py: MAX_DATASET_DIGEST_SIZE = 36 (a sha256 hex has 64).
 MLFLOW_DIGEST_CHARS = 36
 
@@ -89,6 +92,11 @@ def kfp_run_id() -> str:
         if os.environ.get(name):
             return os.environ[name]
     return "none"
+
+
+def dvc_experiment() -> str:
+    """The name of the `dvc exp run` trial this process runs in; "" outside one."""
+    return os.environ.get(DVC_EXPERIMENT_ENV, "").strip()
 
 
 def _base_sha256(run_dir: Optional[Path]) -> Optional[str]:

@@ -1,7 +1,7 @@
 """The served model, logged as an MLflow "model from code" (no pickled classes).
 
 MLflow copies this file into the model and runs it at load time; `set_model` at the bottom
-names the model object. Artifacts it reads (see `ferflow.tracking.registry.log_model`):
+names the model object. Artifacts it reads (see `ferflow.tracking.packaging.log_model`):
 
     weights   best.safetensors of a training run (3-class head)
     run_json  run.json of that run: zoo model name, input size, class order

@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Iterator, Optional, Union
 from urllib.parse import urlsplit
 
 from ferflow.config import Params, TrackingSettings
@@ -24,6 +25,7 @@ from ferflow.redact import install_log_filter, redact_text, redact_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +231,38 @@ def configure(settings: SettingsLike) -> "MlflowClient":
     _state["experiment_id"] = experiment_id
     log.debug("MLflow tracking at %s, experiment %s (%s)", redact_uri(uri), cfg.experiment, experiment_id)
     return client
+
+
+def connect(settings: SettingsLike, retry_hint: str = "") -> "MlflowClient":
+    """`configure`, its failure message followed by `retry_hint` (what to re-run once the
+    store is back): the registry commands' entry point."""
+    try:
+        return configure(settings)
+    except FerflowError as exc:
+        raise FerflowError(f"{exc}{retry_hint}") from None
+
+
+@contextmanager
+def mlflow_errors(what: str, retry_hint: str = "") -> Iterator[None]:
+    """MLflow and HTTP failures in the block become one FerflowError naming the (redacted) URI."""
+    import mlflow
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except FerflowError:
+        raise
+    except (MlflowException, requests.RequestException, OSError) as exc:
+        message = " ".join((getattr(exc, "message", None) or str(exc)).split())[:500]
+        raise FerflowError(
+            f"{what} failed at {redact_uri(mlflow.get_tracking_uri())}: {redact_text(message)}{retry_hint}"
+        ) from exc
+
+
+def not_found(exc: "MlflowException") -> bool:
+    """Whether MLflow refused because the run, model or version does not exist."""
+    return exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
 
 
 def _ensure_experiment(client: "MlflowClient", cfg: TrackingSettings, uri: str) -> str:

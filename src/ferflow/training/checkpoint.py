@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ferflow.errors import FerflowError
-from ferflow.fileio import atomic_path, atomic_write_bytes, atomic_write_json  # noqa: F401 - tracking.rundir still imports them here
+from ferflow.fileio import atomic_path, atomic_write_bytes, atomic_write_json
 
 BEST = "best.safetensors"
 RUN_JSON = "run.json"  # what was trained (trainer) and how to feed it (models.inference)
