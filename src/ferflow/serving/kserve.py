@@ -163,28 +163,19 @@ def resolve(params, ref: str) -> RegisteredVersion:
     """The registered version `ref` names, with its artifact location; ManifestError
     (exit 2) when the model, alias or version does not exist, FerflowError (exit 1) when
     the registry cannot be read."""
-    import requests
-    from mlflow.exceptions import MlflowException
-
     from ferflow.serving.reference import find_version
     from ferflow.tracking import service
 
     name, alias, number = parse_ref(ref)
     client = service.configure(params)  # the tracking URI rules of every registry command
     where = service.redact_uri(service.current_tracking_uri() or "")
-    try:
+    with service.mlflow_errors(f"model reference {ref!r}: reading the registry", where=where):
         model, version = find_version(client, ref, name, alias, number, where)
         number = str(version.version)
         status = str(getattr(version, "status", "READY") or "READY")
         if status != "READY":
             raise ManifestError(f"model reference {ref!r}: {name} version {number} is {status}, not READY")
         location = client.get_model_version_download_uri(name, number)
-    except FerflowError:
-        raise
-    except (MlflowException, requests.RequestException, OSError) as exc:
-        message = " ".join((getattr(exc, "message", None) or str(exc)).split())[:400]
-        raise FerflowError(f"model reference {ref!r}: reading the registry at {where} failed: "
-                           f"{service.redact_text(message)}") from exc
     source_id = _MODEL_ID.match(str(version.source or ""))
     tags = dict(version.tags or {})
     return RegisteredVersion(

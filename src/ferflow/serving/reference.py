@@ -93,7 +93,7 @@ def _load_registered(ref: str, params: Params, device: torch.device) -> inferenc
     client = service.configure(params)  # FerflowError (exit 1) when the store is unreachable
     uri = service.current_tracking_uri() or ""
     where = service.redact_uri(uri)
-    with _mlflow_errors(ref, where):
+    with service.mlflow_errors(f"model reference {ref!r}: reading the registry", where=where):
         _, version = find_version(client, ref, m.group("name"), m.group("alias"), m.group("version"), where)
         folder = _download(ref, version, uri)
     try:
@@ -108,10 +108,12 @@ def find_version(client, ref: str, name: str, alias: str | None, number: str | N
     (exit 2) naming what is missing; other MLflow errors pass through."""
     from mlflow.exceptions import MlflowException
 
+    from ferflow.tracking import service
+
     try:
         model = client.get_registered_model(name)
     except MlflowException as exc:
-        if not _not_found(exc):
+        if not service.not_found(exc):
             raise
         try:
             names = sorted(m.name for m in client.search_registered_models(max_results=20))
@@ -128,7 +130,7 @@ def find_version(client, ref: str, name: str, alias: str | None, number: str | N
     try:
         return model, client.get_model_version(name, number)
     except MlflowException as exc:
-        if _not_found(exc):
+        if service.not_found(exc):
             raise ModelRefError(f"model reference {ref!r}: {name} has no version {number} at {where}") from None
         raise
 
@@ -203,28 +205,6 @@ def _quiet_downloads() -> Iterator[None]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = saved
-
-
-@contextmanager
-def _mlflow_errors(ref: str, where: str) -> Iterator[None]:
-    """MLflow and HTTP failures become one FerflowError naming the reference and the store."""
-    import requests
-    from mlflow.exceptions import MlflowException
-
-    from ferflow.redact import redact_text
-
-    try:
-        yield
-    except FerflowError:
-        raise
-    except (MlflowException, requests.RequestException, OSError) as exc:
-        message = " ".join((getattr(exc, "message", None) or str(exc)).split())[:500]
-        raise FerflowError(f"model reference {ref!r}: reading the registry at {where} failed: "
-                           f"{redact_text(message)}") from exc
-
-
-def _not_found(exc) -> bool:
-    return getattr(exc, "error_code", None) in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
 
 
 def _why(exc: BaseException) -> str:

@@ -243,8 +243,9 @@ def connect(settings: SettingsLike, retry_hint: str = "") -> "MlflowClient":
 
 
 @contextmanager
-def mlflow_errors(what: str, retry_hint: str = "") -> Iterator[None]:
-    """MLflow and HTTP failures in the block become one FerflowError naming the (redacted) URI."""
+def mlflow_errors(what: str, retry_hint: str = "", where: Optional[str] = None) -> Iterator[None]:
+    """MLflow and HTTP failures in the block become one FerflowError naming the (redacted)
+    store: `where`, else the tracking URI in use."""
     import mlflow
     import requests
     from mlflow.exceptions import MlflowException
@@ -256,13 +257,13 @@ def mlflow_errors(what: str, retry_hint: str = "") -> Iterator[None]:
     except (MlflowException, requests.RequestException, OSError) as exc:
         message = " ".join((getattr(exc, "message", None) or str(exc)).split())[:500]
         raise FerflowError(
-            f"{what} failed at {redact_uri(mlflow.get_tracking_uri())}: {redact_text(message)}{retry_hint}"
+            f"{what} failed at {where or redact_uri(mlflow.get_tracking_uri())}: {redact_text(message)}{retry_hint}"
         ) from exc
 
 
 def not_found(exc: "MlflowException") -> bool:
     """Whether MLflow refused because the run, model or version does not exist."""
-    return exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+    return getattr(exc, "error_code", None) in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
 
 
 def _ensure_experiment(client: "MlflowClient", cfg: TrackingSettings, uri: str) -> str:
