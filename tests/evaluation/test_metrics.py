@@ -10,11 +10,11 @@ from ferflow.labels import CLASSES
 from ferflow.errors import FerflowError
 from ferflow.evaluation.metrics import (
     EVALUATION_FILES,
-    collapse_probs,
     compute_metrics,
     plot_confusion,
     write_evaluation,
 )
+from ferflow.labels import collapse_probs
 from ferflow.labels import source_mapping as zero_shot_mapping
 
 SEVEN = ["Anger", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise"]

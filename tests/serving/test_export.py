@@ -199,7 +199,7 @@ def test_dan_exports_with_its_tuple_output(tmp_path):
 
 def zero_shot(entry, model: nn.Module, size: int, surprise: str = "ignore") -> inference.Predictor:
     """What `inference.load_zero_shot` builds, from a model in hand."""
-    from ferflow.evaluation.metrics import collapse_probs
+    from ferflow.labels import collapse_probs
     from ferflow.labels import source_mapping
 
     mapping = source_mapping(entry.classes, surprise)

@@ -186,31 +186,3 @@ def write_evaluation(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return metrics
-
-
-# ---------------------------------------------------------------------------- zero-shot
-
-
-def collapse_probs(probs: np.ndarray, mapping: dict[int, int | None], n_out: int = 3) -> np.ndarray:
-    """Sum source probabilities per target, without dropped classes, and renormalise rows.
-
-    Equals a softmax over the kept logits only, so dropping Surprise means "pick among the
-    rest". A row with no mass left (all on dropped classes) becomes uniform.
-    """
-    p = np.asarray(probs, dtype=np.float64)
-    if p.ndim != 2 or set(mapping) != set(range(p.shape[1])):
-        raise ValueError(
-            f"probs of shape {p.shape} do not match a {len(mapping)}-class mapping "
-            "(slice heads with extra outputs, e.g. va_mtl's valence/arousal, to the emotion logits first)"
-        )
-    if np.any(p < 0):
-        raise ValueError("collapse_probs takes probabilities (after softmax), not logits")
-    out = np.zeros((p.shape[0], n_out))
-    for src, dst in mapping.items():
-        if dst is None:
-            continue
-        if not 0 <= dst < n_out:
-            raise ValueError(f"mapping sends source class {src} to {dst}, outside 0..{n_out - 1}")
-        out[:, dst] += p[:, src]
-    total = out.sum(axis=1, keepdims=True)
-    return np.divide(out, total, out=np.full_like(out, 1.0 / n_out), where=total > 0)

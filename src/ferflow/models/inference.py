@@ -104,8 +104,7 @@ def load_zero_shot(params, model_name: str, device: torch.device, expected_sha25
                    size: Optional[int] = None) -> Optional[Predictor]:
     """The pretrained head of a zoo model mapped onto the 3 classes (evaluate.surprise), or
     None when it has no expression head or no weights."""
-    from ferflow.evaluation.metrics import collapse_probs
-    from ferflow.labels import source_mapping
+    from ferflow.labels import collapse_probs, source_mapping
     from ferflow.models import zoo
     from ferflow.models.weights import pretrained_for
 
