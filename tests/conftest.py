@@ -2,25 +2,114 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Large shared inputs (checkpoints, stand-in archives) sit beside the checkout, not at a fixed
+# absolute path, so a checkout anywhere finds them (or skips with the path it looked at).
+SHARED = REPO.parent / "shared"
+
+# Readiness waits poll and return at once when the service answers; the limits only bound a
+# hang, generously, because start-up on a busy 2-core CI machine can take tens of seconds.
+READY_TIMEOUT_S = 180.0
+PORT_ATTEMPTS = 5
 
 
-def free_port() -> int:
+# ------------------------------------------------------------------------------- ports
+
+
+@contextlib.contextmanager
+def closed_port() -> Iterator[int]:
+    """A local port on which connections are refused, for as long as the block runs.
+
+    The socket stays bound but never listens: the kernel answers connects with a reset, and
+    no other process can take the port meanwhile (a port picked and released could be)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    with closed_port() as port:
+        yield port
+
+
+def _candidate_port() -> int:
+    # Released before the server binds it, so another process can take it in between:
+    # only start_on_free_port uses it, which starts again on another port when that happens.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+class PortTaken(RuntimeError):
+    """The server could not bind its port (someone else holds it)."""
+
+
+def _says_port_taken(log: Path) -> bool:
+    text = log.read_text(errors="replace").lower() if log.is_file() else ""
+    # uvicorn: "[Errno 98] ... address already in use"; moto (werkzeug): "Address already in use"
+    return "address already in use" in text or "errno 98" in text
+
+
+def listens_on(proc: subprocess.Popen, port: int) -> bool:
+    """Whether `proc` or one of its children (uvicorn under `mlflow server`) listens on `port`:
+    a connect alone could reach another program that took the port first."""
+    try:
+        root = psutil.Process(proc.pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return False
+    for p in family:
+        try:
+            conns = p.net_connections(kind="tcp")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns):
+            return True
+    return False
+
+
+def start_on_free_port(start: Callable[[int], subprocess.Popen], ready: Callable[[int, subprocess.Popen], None],
+                       log: Path, stop: Callable[[subprocess.Popen], None] | None = None,
+                       attempts: int = PORT_ATTEMPTS) -> tuple[int, subprocess.Popen]:
+    """(port, process) of a server that `start(port)` launches (its output going to `log`)
+    and `ready(port, proc)` waits for. An external server cannot bind port 0 and tell us the
+    port, so a port can be taken between picking and binding it: the server then exits
+    saying so, or another program answers there, and we start again on another port."""
+    stop = stop or stop_process
+    why = ""
+    for _ in range(attempts):
+        port = _candidate_port()
+        proc = start(port)
+        try:
+            ready(port, proc)
+        except Exception:
+            exited = proc.poll() is not None
+            stop(proc)
+            if not (exited and _says_port_taken(log)):
+                raise
+            why = f"port {port} was taken before the server bound it"
+            continue
+        if listens_on(proc, port):
+            return port, proc
+        stop(proc)  # what answered is not ours; ours fails to bind and would exit
+        why = f"another program answered on port {port}"
+    raise PortTaken(f"no port after {attempts} attempts; last: {why}")
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = READY_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -70,23 +159,18 @@ class S3Server:
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    port = free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
+
+    def start(port: int) -> subprocess.Popen:
+        with open(log, "wb") as fh:
+            return subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                    stdout=fh, stderr=subprocess.STDOUT)
+
+    port, proc = start_on_free_port(start, wait_for_port, log)
     try:
-        wait_for_port(port, proc)
         yield S3Server(port, proc)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 @pytest.fixture
@@ -107,7 +191,6 @@ class MlflowServer:
 
 
 def start_mlflow_server(root: Path, s3: S3Server, bucket: str) -> MlflowServer:
-    port = free_port()
     s3.make_bucket(bucket)
     env = {
         **os.environ, **s3.env(),
@@ -117,23 +200,28 @@ def start_mlflow_server(root: Path, s3: S3Server, bucket: str) -> MlflowServer:
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     log = root / "mlflow-server.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-             "--artifacts-destination", f"s3://{bucket}/artifacts", "--serve-artifacts", "--workers", "1"],
-            stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=root,
-        )
-    try:
-        wait_for_port(port, proc, timeout=60)
+
+    def start(port: int) -> subprocess.Popen:
+        with open(log, "wb") as fh:
+            return subprocess.Popen(
+                [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                 "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                 "--artifacts-destination", f"s3://{bucket}/artifacts", "--serve-artifacts", "--workers", "1"],
+                stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=root,
+            )
+
+    def ready(port: int, proc: subprocess.Popen) -> None:
+        wait_for_port(port, proc)
         _wait_http_ok(f"http://127.0.0.1:{port}/health", proc)
-    except Exception:
-        stop_process(proc)
-        raise RuntimeError(f"mlflow server did not start:\n{log.read_text()[-3000:]}")
+
+    try:
+        port, proc = start_on_free_port(start, ready, log)
+    except Exception as exc:
+        raise RuntimeError(f"mlflow server did not start ({exc}):\n{log.read_text()[-3000:]}") from exc
     return MlflowServer(port, proc, root, log)
 
 
-def _wait_http_ok(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+def _wait_http_ok(url: str, proc: subprocess.Popen, timeout: float = READY_TIMEOUT_S) -> None:
     import urllib.request
 
     deadline = time.monotonic() + timeout

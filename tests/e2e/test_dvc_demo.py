@@ -1,13 +1,18 @@
 """`dvc repro` of the repo's dvc.yaml on demo data in a fresh workspace, then `dvc push` to
-and `dvc pull` from an S3 API server process on 127.0.0.1, through the repo's remote config."""
+and `dvc pull` from an S3 API server process on 127.0.0.1, through the repo's remote config.
+
+One `dvc repro` per module (`reproduced`); every test works on its own copy of that
+workspace (`workspace`), so tests pass alone, in any order and with `-k`."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -16,6 +21,7 @@ from ferflow.data.sources import sha256_file
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
+ARCHIVES = ("LFW-FER", "M-LFW-FER", "M-LFW-FER-face-cut")
 
 
 def run(cmd, cwd, env=None, check=True):
@@ -27,26 +33,40 @@ def run(cmd, cwd, env=None, check=True):
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A DVC workspace like `make demo` builds: same dvc.yaml and remote config, demo params."""
-    ws = tmp_path_factory.mktemp("dvc-demo")
+def reproduced(tmp_path_factory):
+    """(workspace, output of its first `dvc repro`): a DVC workspace like `make demo` builds
+    (same dvc.yaml and remote config, demo params), reproduced once. Read it, never change it."""
+    root = tmp_path_factory.mktemp("dvc-demo")
+    ws = root / "ws"
+    ws.mkdir()
+    # `make demo` links src; here the link points at a snapshot of it, so the stages' src deps
+    # do not change under the tests when src is edited while they run (a rerun, not a test).
+    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     run(["ferflow", "demo-data", "--out", "archives", "--params-out", "params.yaml",
          "--params", str(REPO / "params.yaml"),
          "--set", "demo.images_per_class=20", "--set", "demo.image_size=48",
          "--set", "demo.overrides=['prepare.image_sizes=[32]', 'train.models=[demo_tiny]', 'train.input_size=32',"
                   " 'train.full_stage.epochs=1', 'train.workers=0']"], cwd=ws)
     shutil.copy(REPO / "dvc.yaml", ws / "dvc.yaml")
-    (ws / "src").symlink_to(REPO / "src")
+    (ws / "src").symlink_to(root / "src")
     run(["dvc", "init", "--no-scm", "-q"], cwd=ws)
     # the repo's committed remote, as DVC itself reads it
     name, url = run(["dvc", "remote", "list"], cwd=REPO).stdout.split()[:2]
     run(["dvc", "remote", "add", "-d", name, url], cwd=ws)
     shutil.copy(REPO / ".dvcignore", ws / ".dvcignore")
-    return ws
+    return ws, run(["dvc", "repro"], cwd=ws).stdout
 
 
-def test_repro_runs_every_stage_then_nothing(workspace):
-    first = run(["dvc", "repro"], cwd=workspace).stdout
+@pytest.fixture
+def workspace(reproduced, tmp_path):
+    """This test's own copy of the reproduced workspace (params, data and remotes change).
+    Paths inside are relative (archives, outputs) but for the `src` link, copied as a link to
+    the same snapshot, so the copy is the same workspace."""
+    return Path(shutil.copytree(reproduced[0], tmp_path / "ws", symlinks=True))
+
+
+def test_repro_runs_every_stage_then_nothing(reproduced, workspace):
+    first = reproduced[1]
     for stage in ("fetch@LFW-FER", "fetch@M-LFW-FER", "prepare@M-LFW-FER-face-cut", "train@LFW-FER-demo_tiny",
                   "evaluate@M-LFW-FER-demo_tiny", "zero-shot@demo_tiny", "report"):
         assert f"Running stage '{stage}'" in first
@@ -78,6 +98,62 @@ def test_changing_a_param_reruns_only_prepare(workspace):
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run(["dvc", "repro"], cwd=workspace).stdout
     assert "Running stage 'prepare@LFW-FER'" in out and "Running stage 'fetch@" not in out
+
+
+def write_fer7_always_happy(path: Path, happiness_logit: float) -> None:
+    """fer7_b0_112's architecture (EfficientNet-B0, HSEmotion's 7-class head) whose head
+    ignores the image: logits 0 except Happiness. Random trunk: built here, nothing fetched."""
+    import safetensors.torch
+    import torch
+
+    from ferflow.models import zoo
+
+    entry = zoo.resolve("fer7_b0_112")
+    model = zoo.build_model(entry)  # random init, the pretrained head's shape and layout
+    head = model.classifier[0]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[entry.classes.index("Happiness")] = happiness_logit
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def test_zero_shot_stage_maps_a_pretrained_head_to_three_classes(workspace):
+    """The demo model has no expression head, so the DAG records its zero-shot as skipped.
+    The same stage on a model with a 7-class head runs the real path: pretrained weights
+    loaded strictly, the head's probabilities collapsed onto 3 classes, a row in the report."""
+    skipped = json.loads((workspace / "evaluation/zero-shot/none/demo_tiny.json").read_text())
+    assert "no pretrained facial-expression head" in skipped["skipped"]
+
+    # Softmax over the 6 kept classes (Surprise is ignored): Happiness e^b/(e^b + 5) goes to
+    # positive, Anger, Disgust, Fear and Sadness 4/(e^b + 5) to negative, Neutral 1/(e^b + 5).
+    weights = workspace.parent / "fer7-always-happy.safetensors"
+    write_fer7_always_happy(weights, math.log(15.0))
+    expected = {"p_positive": 0.75, "p_negative": 0.2, "p_neutral": 0.05}
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["train"]["models"] = ["demo_tiny", "fer7_b0_112"]
+    params["models"]["fer7_b0_112"] = {"pretrained": str(weights)}
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    out = run(["dvc", "repro", "zero-shot@fer7_b0_112"], cwd=workspace).stdout
+    assert "Running stage 'zero-shot@fer7_b0_112'" in out and "Running stage 'train@" not in out
+    root = workspace / "evaluation/zero-shot/none"
+    summary = json.loads((root / "fer7_b0_112.json").read_text())
+    assert "skipped" not in summary and set(summary) == set(ARCHIVES), summary
+    for dataset, row in summary.items():
+        # Every face is called positive; a third of each balanced eval split is.
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["accuracy"] == pytest.approx(1 / 3), (dataset, row)
+        assert row["n"] == 15 and 0.0 <= row["macro_f1"] <= 1.0
+        predictions = pd.read_csv(root / "fer7_b0_112" / dataset / "predictions.csv")
+        assert set(predictions["predicted"]) == {"positive"} and len(predictions) == row["n"]
+        for column, p in expected.items():
+            assert predictions[column].to_numpy() == pytest.approx(p, abs=1e-5), column
+
+    run(["ferflow", "report"], cwd=workspace)
+    results = pd.read_csv(workspace / "reports/results.csv")
+    rows = results[(results["stage"] == "zero-shot") & (results["model"] == "fer7_b0_112")]
+    assert sorted(rows["eval_dataset"]) == sorted(ARCHIVES) and (rows["accuracy"] == summary["LFW-FER"]["accuracy"]).all()
+    assert "| LFW-FER | fer7_b0_112 |" in (workspace / "reports/results.md").read_text()
 
 
 def test_push_and_pull_through_the_s3_remote(workspace, s3_server):

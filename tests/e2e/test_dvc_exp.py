@@ -1,9 +1,15 @@
 """The repo's DVC project with git SCM: in a clone of the committed repository, demo params
 and archives committed, `dvc repro` runs the DAG, `dvc exp run -S ...` reruns training only
-and `dvc exp show` / `metrics show` / `plots show` read the results. MLflow: a temporary sqlite."""
+and `dvc exp show` / `metrics show` / `plots show` read the results. MLflow: a temporary sqlite.
 
+One `dvc repro` per module (`reproduced`); every test works on its own copy of that clone and
+its MLflow store (`clone`), so tests pass alone, in any order and with `-k`."""
+
+import contextlib
 import json
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -34,9 +40,16 @@ def train_metrics(dataset):
     return f"models/{dataset}/{MODEL}/train_metrics.json"
 
 
+def mlflow_env(root: Path) -> dict[str, str]:
+    # Offline: no MLflow telemetry thread (it pops an env var while ferflow iterates os.environ).
+    return {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
 @pytest.fixture(scope="module")
-def clone(tmp_path_factory):
-    """(workspace, env): a git clone of HEAD with the demo params + archives committed."""
+def reproduced(tmp_path_factory):
+    """(root, output of the first `dvc repro`): root/repo is a git clone of HEAD with the demo
+    params + archives committed, reproduced and committed again; root/mlflow.db its MLflow
+    store. Read it, never change it: tests take a copy (`clone`)."""
     root = tmp_path_factory.mktemp("dvc-exp")
     ws = root / "repo"
     run(["git", "clone", "-q", str(REPO), str(ws)], cwd=root)
@@ -49,21 +62,41 @@ def clone(tmp_path_factory):
     run(["git", "add", "params.yaml", "archives"], cwd=ws)
     run(["git", "commit", "-q", "-m", "demo params and archives"], cwd=ws)
     assert run(["git", "status", "--porcelain"], cwd=ws).stdout == ""
-    # Offline: no MLflow telemetry thread (it pops an env var while ferflow iterates os.environ).
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    return ws, env
+    out = run(["dvc", "repro"], cwd=ws, env=mlflow_env(root)).stdout
+    run(["git", "add", "-A"], cwd=ws)  # dvc.lock, .gitignore files DVC wrote, uncached metrics/plots
+    run(["git", "commit", "-q", "-m", "dvc repro"], cwd=ws)
+    return root, out
 
 
-def test_repro_runs_every_stage_then_nothing(clone):
+def relocate(db: Path, old: Path, new: Path) -> None:
+    """Point the absolute paths MLflow stored (experiment, run and model artifact locations)
+    at the copy, so a test's runs and models land in its own copy, not in the shared one."""
+    with contextlib.closing(sqlite3.connect(db)) as con, con:
+        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            for _, column, kind, *_ in con.execute(f'PRAGMA table_info("{table}")').fetchall():
+                if "CHAR" in kind.upper() or "TEXT" in kind.upper():
+                    con.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) '
+                                f'WHERE instr("{column}", ?) > 0', (str(old), str(new), str(old)))
+
+
+@pytest.fixture
+def clone(reproduced, tmp_path):
+    """(workspace, env) of this test's own copy of the reproduced clone and its MLflow store."""
+    root = Path(shutil.copytree(reproduced[0], tmp_path / "root", symlinks=True))
+    relocate(root / "mlflow.db", reproduced[0], root)
+    return root / "repo", mlflow_env(root)
+
+
+def test_repro_runs_every_stage_then_nothing(reproduced, clone):
     ws, env = clone
-    out = run(["dvc", "repro"], cwd=ws, env=env).stdout
+    out = reproduced[1]
     stages = [f"fetch@{a}" for a in ARCHIVES] + [f"prepare@{a}" for a in ARCHIVES]
     stages += [f"{s}@{d}-{MODEL}" for s in ("train", "evaluate", "register") for d in DATASETS]
     stages += [f"zero-shot@{MODEL}", "report"] + [f"promote@{d}" for d in DATASETS]
     for stage in stages:
         assert f"Running stage '{stage}'" in out, stage
-    run(["git", "add", "-A"], cwd=ws)  # dvc.lock, .gitignore files DVC wrote, uncached metrics/plots
-    run(["git", "commit", "-q", "-m", "dvc repro"], cwd=ws)
+    # the fixture committed everything the repro wrote
     assert run(["git", "status", "--porcelain"], cwd=ws).stdout == ""
     # Uncached metrics belong in git, or no other revision (baseline, experiments) can show them.
     tracked = run(["git", "ls-files"], cwd=ws).stdout.splitlines()

@@ -23,8 +23,10 @@ from ferflow.errors import FerflowError
 from ferflow.models import checkpoints
 from ferflow.models.checkpoints import Checkpoint, read_checkpoint, strip_prefixes, to_safetensors
 
+from conftest import SHARED  # tests/conftest.py: ../shared beside the checkout
+
 HELPER = Path(__file__).with_name("make_legacy_pickle.py")
-FER7 = Path("/work/shared/models/fer7-b0-112/fer7_b0_112.pt")
+FER7 = SHARED / "models" / "fer7-b0-112" / "fer7_b0_112.pt"
 
 # name: (layout, head, pool, extra flags)
 LOOKALIKES = {

@@ -20,8 +20,10 @@ from ferflow.models.checkpoints import read_checkpoint
 from ferflow.models.weights import load_pretrained
 from ferflow.models.zoo import HSEMOTION_7, HSEMOTION_8, ZooEntry
 
+from conftest import SHARED  # tests/conftest.py: ../shared beside the checkout
+
 HELPER = Path(__file__).with_name("make_legacy_pickle.py")
-FER7 = Path("/work/shared/models/fer7-b0-112/fer7_b0_112.pt")
+FER7 = SHARED / "models" / "fer7-b0-112" / "fer7_b0_112.pt"
 
 # What make_legacy_pickle.build makes: a TF-style test_efficientnet with HSEmotion's 7 classes.
 LOOKALIKE = ZooEntry(

@@ -22,13 +22,13 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import free_port
+from conftest import start_on_free_port
 from ferflow import cli
 from ferflow.config import load_params
 from ferflow.errors import ConfigError
 from ferflow.labels import CLASSES
 from ferflow.serving import kserve
-from ferflow.tracking import registry, service
+from ferflow.tracking import aliases, service, versioning
 from tracking.test_serving import DATASET, face_jpeg, fabricated_run, post, stop_group, wait_ready
 
 from .conftest import MLFLOW_ENV
@@ -72,9 +72,9 @@ def s3_store(tmp_path_factory, s3_server):
         name = params.registry.name_for(DATASET)
         _, second = fabricated_run(root / "b", f"sqlite:///{root / 'mlflow.db'}")  # other random weights
         try:
-            assert str(registry.register(params, DATASET, first).version) == "1"
-            assert registry.promote(params, name).action == "promoted"
-            assert str(registry.register(params, DATASET, second).version) == "2"
+            assert str(versioning.register(params, DATASET, first).version) == "1"
+            assert aliases.promote(params, name).action == "promoted"
+            assert str(versioning.register(params, DATASET, second).version) == "2"
         finally:
             service.reset()
     return params_file, name
@@ -91,8 +91,8 @@ def proxied(tmp_path_factory, mlflow_server):
         params, run_dir = fabricated_run(root, mlflow_server.uri)
         name = params.registry.name_for(DATASET)
         try:
-            registry.register(params, DATASET, run_dir)
-            assert registry.promote(params, name).action == "promoted"
+            versioning.register(params, DATASET, run_dir)
+            assert aliases.promote(params, name).action == "promoted"
         finally:
             service.reset()
     return write_params(params, root / "params.yaml"), name
@@ -263,8 +263,8 @@ def test_bad_references_and_options_exit_2(s3_store, capsys, args, says):
     assert "Traceback" not in err
 
 
-def test_unreachable_registry_exits_1(tmp_path, capsys):
-    port = free_port()
+def test_unreachable_registry_exits_1(tmp_path, capsys, refused_port):
+    port = refused_port
     params_file = tmp_path / "params.yaml"
     shutil.copy(Path(__file__).resolve().parents[2] / "params.yaml", params_file)
     code, _, err = manifest(capsys, params_file, "--model", "models:/ferflow-lfw-fer@champion",
@@ -459,19 +459,23 @@ def test_mlflow_models_serve_answers_what_ferflow_predict_says(proxied, tmp_path
     assert sorted(rows) == [f.name for f in files]
 
     uri = load_params(params_file).tracking.tracking_uri
-    port = free_port()
     # Proxied artifacts: the server needs no AWS variables; venv first on PATH for uvicorn.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
     env.update({"MLFLOW_TRACKING_URI": uri, "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"})
     log = tmp_path / "serve.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{name}@champion", "--env-manager", "local",
-             "-h", "127.0.0.1", "-p", str(port), "--workers", "1"],
-            stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
+
+    def start(port: int) -> subprocess.Popen:
+        with open(log, "wb") as fh:
+            return subprocess.Popen(
+                [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{name}@champion", "--env-manager", "local",
+                 "-h", "127.0.0.1", "-p", str(port), "--workers", "1"],
+                stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
+
+    # Started again on another port if the picked one is taken before uvicorn binds it.
+    port, proc = start_on_free_port(start, lambda port, proc: wait_ready(f"http://127.0.0.1:{port}/ping", proc, log),
+                                    log, stop=stop_group)
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_ready(f"{base}/ping", proc, log)
         images = [base64.b64encode(f.read_bytes()).decode("ascii") for f in files]
         status, split = post(f"{base}/invocations", {"dataframe_split": {"columns": ["image"],
                                                                          "data": [[i] for i in images]}})

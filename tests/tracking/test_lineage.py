@@ -1,4 +1,4 @@
-"""Lineage tags, manifest datasets, params flattening, redaction and the tracking service's
+"""Lineage tags, manifest datasets, params flattening and the tracking service's
 URI resolution / reachability check (no training here)."""
 
 import json
@@ -14,10 +14,9 @@ from ferflow.config import TrackingSettings, load_params
 from ferflow.errors import FerflowError
 from ferflow.tracking import service
 from ferflow.tracking.lineage import dvc_lock_md5, git_tags, lineage_tags, manifest_dataset
-from ferflow.tracking.runs import flatten_params
+from ferflow.tracking.payload import flatten_params
 from ferflow.training.trainer import recipe_hash
 
-from conftest import free_port  # tests/conftest.py
 
 from .conftest import TRAIN_OVERRIDES
 
@@ -106,15 +105,6 @@ def test_flatten_params_keys_values_and_limits():
     assert flat["data.archives.A.uri"] == "https://***@h/a.zip"
 
 
-def test_redaction(monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw-0a1b2c-distinct")
-    monkeypatch.setenv("MY_SERVICE_TOKEN", "tok-3d4e5f-distinct")
-    assert service.redact_uri("https://u:p@h.example:8443/x?token=abc&x=1") == "https://***@h.example:8443/x?token=***&x=1"
-    assert service.redact_uri("sqlite:///mlruns/mlflow.db") == "sqlite:///mlruns/mlflow.db"
-    text = service.redact_text("failed: pw-0a1b2c-distinct / tok-3d4e5f-distinct at postgresql://a:b@db/x")
-    assert text == "failed: *** / *** at postgresql://***@db/x"
-
-
 def test_env_uri_wins_and_what_mlflow_exports_does_not(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -131,11 +121,13 @@ def test_env_uri_wins_and_what_mlflow_exports_does_not(tmp_path, monkeypatch):
     assert service.resolve_tracking_uri(TrackingSettings()) == "http://127.0.0.1:1"
 
 
-def test_check_reachable(mlflow_server):
+def test_check_reachable(mlflow_server, refused_port):
     service.check_reachable("sqlite:///whatever.db")  # local stores: nothing to check
     service.check_reachable(mlflow_server.uri, 5)
-    port = free_port()
+    port = refused_port
     start = time.monotonic()
     with pytest.raises(FerflowError, match=rf"http://\*\*\*@127\.0\.0\.1:{port} is not reachable"):
         service.check_reachable(f"http://user:pw-abc@127.0.0.1:{port}", 2)
-    assert time.monotonic() - start < 3
+    # One attempt, not MLflow's retries with backoff (minutes): a bound that a busy machine
+    # cannot miss and a retrying client cannot meet.
+    assert time.monotonic() - start < 60

@@ -20,11 +20,12 @@ import mlflow
 import pytest
 from PIL import Image, ImageDraw
 
-from conftest import free_port
+from conftest import start_on_free_port
+from ferflow import fileio
 from ferflow.config import load_params
 from ferflow.labels import CLASSES
 from ferflow.models import zoo
-from ferflow.tracking import registry
+from ferflow.tracking import aliases, versioning
 from ferflow.training import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,7 +49,7 @@ def fabricated_run(root: Path, uri: str):
     run_dir.mkdir(parents=True)
     ckpt.save_weights(run_dir / "best.safetensors", zoo.build_model(entry, num_classes=len(CLASSES)).state_dict(),
                       {"format": "ferflow-3class"})
-    ckpt.atomic_write_json(run_dir / "run.json", {
+    fileio.atomic_write_json(run_dir / "run.json", {
         "model": MODEL, "arch": entry.arch, "input_size": SIZE, "classes": list(CLASSES), "dataset": DATASET,
         "recipe_hash": "0" * 16, "weights_source": "none", "weights_sha256": None})
     report = root / "prepared" / DATASET / "report.json"
@@ -111,26 +112,30 @@ def test_serve_champion_over_rest(mlflow_server, tmp_path, monkeypatch):
     try:
         params, run_dir = fabricated_run(tmp_path, mlflow_server.uri)
         name = params.registry.name_for(DATASET)
-        registry.register(params, DATASET, run_dir)
-        assert registry.promote(params, name).action == "promoted"
+        versioning.register(params, DATASET, run_dir)
+        assert aliases.promote(params, name).action == "promoted"
     finally:
         mlflow.set_tracking_uri(None)
 
-    port = free_port()
     # No AWS variables: the server proxies the artifacts (--serve-artifacts); uvicorn is
     # started by name, so the venv's bin goes first on PATH (shared/design/FACTS.md).
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
     env.update({"MLFLOW_TRACKING_URI": mlflow_server.uri, "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"})
     log = tmp_path / "serve.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{name}@champion", "--env-manager", "local",
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True,
-        )
+
+    def start(port: int) -> subprocess.Popen:
+        with open(log, "wb") as fh:
+            return subprocess.Popen(
+                [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{name}@champion", "--env-manager", "local",
+                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True,
+            )
+
+    # Started again on another port if the picked one is taken before uvicorn binds it.
+    port, proc = start_on_free_port(start, lambda port, proc: wait_ready(f"http://127.0.0.1:{port}/ping", proc, log),
+                                    log, stop=stop_group)
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_ready(f"{base}/ping", proc, log)
         image = base64.b64encode(face_jpeg()).decode("ascii")
 
         status, body = post(f"{base}/invocations", {"dataframe_split": {"columns": ["image"], "data": [[image], [image]]}})

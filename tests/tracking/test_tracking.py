@@ -17,10 +17,10 @@ from mlflow import MlflowClient
 from ferflow import stages
 from ferflow.config import load_params
 from ferflow.errors import FerflowError
-from ferflow.tracking import runs
+from ferflow.tracking import parent_runs
 from ferflow.training.trainer import recipe_hash
 
-from conftest import free_port, start_mlflow_server, stop_process  # tests/conftest.py (rootdir on sys.path)
+from conftest import start_mlflow_server, stop_process  # tests/conftest.py (rootdir on sys.path)
 
 from .conftest import TRAIN_OVERRIDES
 
@@ -102,15 +102,15 @@ def test_train_and_evaluate_recorded_on_the_server(demo_workspace, tmp_path, mlf
 
 def test_embedded_default_store_under_cwd_nested_in_a_parent_run(demo_workspace, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv(runs.PARENT_RUN_ENV, raising=False)
+    monkeypatch.delenv(parent_runs.PARENT_RUN_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
     params = tracked(demo_workspace, tmp_path, "tracking.log_system_metrics=false", "train.full_stage.epochs=1")
     assert params.tracking.tracking_uri == "sqlite:///mlruns/mlflow.db"
-    with runs.parent_run(params, "dag-invocation") as parent_id:
-        assert os.environ[runs.PARENT_RUN_ENV] == parent_id
+    with parent_runs.parent_run(params, "dag-invocation") as parent_id:
+        assert os.environ[parent_runs.PARENT_RUN_ENV] == parent_id
         stages.train(params, DS, MODEL)
         stages.evaluate(params, DS, MODEL, [DS])
-    assert runs.PARENT_RUN_ENV not in os.environ
+    assert parent_runs.PARENT_RUN_ENV not in os.environ
     assert (tmp_path / "mlruns/mlflow.db").is_file()
     client, run = run_of(params, f"sqlite:///{tmp_path / 'mlruns/mlflow.db'}")
     artifacts = tmp_path / "mlruns/artifacts" / run.info.run_id / "artifacts"
@@ -145,14 +145,16 @@ def test_interrupted_training_fails_its_run_and_the_resume_continues_it(demo_wor
     assert sorted(steps) == [1, 2, 3, 4]
 
 
-def test_server_down_fails_before_any_epoch(demo_workspace, tmp_path, monkeypatch):
-    uri = f"http://ferflow:pw-not-for-messages@127.0.0.1:{free_port()}"
+def test_server_down_fails_before_any_epoch(demo_workspace, tmp_path, monkeypatch, refused_port):
+    uri = f"http://ferflow:pw-not-for-messages@127.0.0.1:{refused_port}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     params = tracked(demo_workspace, tmp_path)
     start = time.monotonic()
     with pytest.raises(FerflowError) as err:
         stages.train(params, DS, MODEL)
-    assert time.monotonic() - start < 10
+    # "Before any epoch" is what the run dir check below proves; this only rules out MLflow's
+    # retries with backoff (minutes), generously for a busy machine.
+    assert time.monotonic() - start < 90
     message = str(err.value)
     assert f"127.0.0.1:{uri.rsplit(':', 1)[1]}" in message and "not reachable" in message
     assert "pw-not-for-messages" not in message and "tracking.enabled=false" in message
@@ -177,8 +179,10 @@ def test_server_dying_mid_training_warns_once_and_training_finishes(
     try:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
         monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+        # timeout_s bounds a request to the live server (a busy machine can take seconds, which
+        # would warn before the kill); after the kill connections are refused at once.
         params = tracked(demo_workspace, tmp_path, "train.full_stage.epochs=4", "tracking.max_retries=1",
-                         "tracking.timeout_s=3")
+                         "tracking.timeout_s=30")
         killed = {}
 
         class KillServerAfterEpoch2:
@@ -200,7 +204,10 @@ def test_server_dying_mid_training_warns_once_and_training_finishes(
         assert (result.run_dir / name).is_file(), name
     warnings = [r for r in caplog.records if r.name == "ferflow.tracking.runs" and r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "epoch 2" in warnings[0].getMessage(), [r.getMessage() for r in warnings]
-    assert after_kill < 30, after_kill
+    # What the dead server cost: the time after the kill less the epochs' own training time.
+    # Generous for a busy machine, far below a wait on the server at every logging call.
+    trained_after_kill = sum(h["seconds"] for h in history if h["epoch"] > 2)
+    assert after_kill - trained_after_kill < 60, (after_kill, trained_after_kill)
     # evaluation fails fast (files of training untouched) while the server is still down
     with pytest.raises(FerflowError, match="not reachable"):
         stages.evaluate(params, DS, MODEL, [DS])
