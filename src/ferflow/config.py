@@ -375,7 +375,7 @@ class TrackingSettings(_Frozen):
     timeout_s: float = Field(default=10.0, gt=0, description="per MLflow HTTP request")
     max_retries: int = Field(default=2, ge=0, le=10)
     log_system_metrics: bool = True
-    log_model: bool = True
+    log_model: bool = Field(default=True, description="false: `register` refuses (a version is a logged model)")
 
 
 class RegistrySettings(_Frozen):

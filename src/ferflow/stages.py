@@ -8,6 +8,7 @@ from typing import Iterable, Iterator, Optional
 
 import yaml
 
+from ferflow import layout
 from ferflow.config import ArchiveSpec, Params, apply_override, dump_params, parse_override, validate
 from ferflow.errors import ConfigError, FerflowError
 from ferflow.fileio import atomic_write_text
@@ -160,11 +161,10 @@ def evaluate(params: Params, dataset: str, model: str, eval_datasets: Optional[I
     """Cross-dataset evaluation of the run trained on `dataset`; logged into that training's
     MLflow run when it recorded one (`mlflow_run.json`) and `tracking.enabled`."""
     from ferflow.evaluation.evaluate import evaluate_run
-    from ferflow.training.trainer import run_dir_for
 
     check_names(params, [dataset, *(eval_datasets or [])], [model])
-    run_dir = run_dir_for(params, dataset, model)
-    tracked = params.tracking.enabled and (run_dir / "mlflow_run.json").is_file()
+    run_dir = layout.run_dir(params.require_train().out_dir, dataset, model)
+    tracked = params.tracking.enabled and (run_dir / layout.MLFLOW_RUN).is_file()
     if tracked:  # fail before computing anything when the server is down
         from ferflow.tracking import service
 
@@ -173,7 +173,7 @@ def evaluate(params: Params, dataset: str, model: str, eval_datasets: Optional[I
     if tracked:
         from ferflow.tracking.eval_logging import log_evaluation_run
 
-        eval_dir = params.evaluate.out_dir / "fine-tuned" / dataset / model  # evaluate_run's out_root
+        eval_dir = layout.eval_dir(params.evaluate.out_dir, dataset, model)
         log_evaluation_run(params, dataset, model, summary, eval_dir, run_dir=run_dir)
     return summary
 
@@ -205,11 +205,11 @@ def register(params: Params, dataset: str, model: str, run_dir: Optional[Path] =
     """Log the fine-tuned model to MLflow and register it as a new version (alias challenger)."""
     from ferflow.tracking.versioning import register as register_version
     from ferflow.fileio import atomic_write_json
-    from ferflow.training.trainer import run_dir_for
 
     check_names(params, [dataset], [model])
-    version = register_version(params, dataset, Path(run_dir) if run_dir else run_dir_for(params, dataset, model))
-    atomic_write_json(params.registry.records_dir / dataset / f"{model}.json", {
+    run_dir = Path(run_dir) if run_dir else layout.run_dir(params.require_train().out_dir, dataset, model)
+    version = register_version(params, dataset, run_dir)
+    atomic_write_json(layout.registry_record(params.registry.records_dir, dataset, model), {
         "name": version.name, "version": str(version.version), "run_id": version.run_id,
         "source": version.source, "alias": "challenger",
     })
@@ -234,5 +234,5 @@ def promote(params: Params, dataset: str, metric: Optional[str] = None, min_delt
             min_delta=params.registry.min_delta if min_delta is None else min_delta,
             force=force,
         )
-    atomic_write_json(params.registry.records_dir / "promotions" / f"{dataset}.json", decision.as_dict())
+    atomic_write_json(layout.promotion_record(params.registry.records_dir, dataset), decision.as_dict())
     return decision

@@ -9,12 +9,12 @@ from sklearn.metrics import balanced_accuracy_score
 from ferflow.labels import CLASSES
 from ferflow.errors import FerflowError
 from ferflow.evaluation.metrics import (
-    EVALUATION_FILES,
     compute_metrics,
     plot_confusion,
     write_evaluation,
 )
 from ferflow.labels import collapse_probs
+from ferflow.layout import EVALUATION_FILES
 from ferflow.labels import source_mapping as zero_shot_mapping
 
 SEVEN = ["Anger", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise"]

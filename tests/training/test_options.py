@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from ferflow import layout
 from ferflow.config import load_params
 from ferflow.models import zoo
 from ferflow.models.preprocess import Preprocess
@@ -61,7 +62,7 @@ def train_run(prepared, out: Path, *extra):
 
 
 def final_weights(result) -> dict:
-    return ckpt.load_last(result.run_dir / ckpt.LAST)["model"]
+    return ckpt.load_last(result.run_dir / layout.LAST)["model"]
 
 
 @functools.cache
@@ -147,7 +148,7 @@ def test_ema_weights_are_the_ones_validated_and_saved(prepared, tmp_path, monkey
                 expected[k].mul_(decay).add_(v, alpha=1 - decay)
             else:  # step counters are copied, not averaged
                 expected[k] = v.clone()
-    best = ckpt.load_weights(result.run_dir / ckpt.BEST)  # epoch 1 is always the best of one
+    best = ckpt.load_weights(result.run_dir / layout.WEIGHTS)  # epoch 1 is always the best of one
     raw = final_weights(result)
     assert set(best) == set(raw)
     assert differs(best, raw), "best.safetensors holds the raw weights: EMA ignored"
@@ -214,10 +215,10 @@ def test_early_stopping_stops_after_patience_epochs_and_stays_stopped(prepared, 
     result = train_run(prepared, tmp_path, *extra)
     assert result.epochs_run == 3 and len(result.history) == 3  # of 5: best at 1, then 2 without improvement
     assert result.best_epoch == 1
-    last = ckpt.load_last(result.run_dir / ckpt.LAST)
+    last = ckpt.load_last(result.run_dir / layout.LAST)
     assert last["stopped"] is True and last["stale"] == 2 and last["epoch"] == 3
-    assert len(json.loads((result.run_dir / ckpt.HISTORY_JSON).read_text())) == 3
-    assert json.loads((result.run_dir / trainer.TRAIN_METRICS).read_text())["epochs_run"] == 3
+    assert len(json.loads((result.run_dir / layout.HISTORY_JSON).read_text())) == 3
+    assert json.loads((result.run_dir / layout.TRAIN_METRICS).read_text())["epochs_run"] == 3
     # The stop is part of the run's state: running again resumes into it and trains nothing.
     again = train_run(prepared, tmp_path, *extra)
     assert again.resumed_from_epoch == 3 and again.epochs_run == 3 and len(again.history) == 3
@@ -291,7 +292,7 @@ def test_amp_autocasts_the_forward_and_scales_fp16(prepared, tmp_path, monkeypat
     monkeypatch.setattr(torch.amp, "GradScaler", _ScalerSpy)
     result = train_run(prepared, tmp_path, f"train.amp={amp}")
     assert forwards == [dtype] * STEPS
-    assert json.loads((result.run_dir / ckpt.RUN_JSON).read_text())["amp"] == str(dtype)
+    assert json.loads((result.run_dir / layout.RUN_JSON).read_text())["amp"] == str(dtype)
     [scaler] = _ScalerSpy.made
     if amp == "bf16":  # bf16 has fp32's range: nothing to scale
         assert not scaler.is_enabled()

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ferflow import stages
 from ferflow.config import AugmentSettings
@@ -208,6 +209,20 @@ def test_resume_only_continues_the_same_recipe(demo_workspace, tmp_path):
     changed = stages.train(load(demo_workspace, out, "train.full_stage.epochs=1", "train.full_stage.lr=0.0005"),
                            "LFW-FER", "demo_tiny")
     assert changed.resumed_from_epoch == 0 and changed.epochs_run == 2
+
+
+def test_a_run_without_its_best_weights_is_trained_again_not_resumed(demo_workspace, tmp_path):
+    """`dvc repro` deletes best.safetensors before rerunning train but keeps last.pt: resuming
+    a finished run would then end with no best weights at all."""
+    out = f"train.out_dir={tmp_path / 'm'}"
+    first = stages.train(load(demo_workspace, out, "train.full_stage.epochs=1"), "LFW-FER", "demo_tiny")
+    best = first.run_dir / "best.safetensors"
+    expected = load_file(best)
+    best.unlink()
+    again = stages.train(load(demo_workspace, out, "train.full_stage.epochs=1"), "LFW-FER", "demo_tiny")
+    assert again.resumed_from_epoch == 0 and again.epochs_run == 2
+    got = load_file(best)  # deterministic: the same best weights as the first run
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
 
 
 def test_keep_freed_memory_serves_big_buffers_from_the_heap_and_keeps_them():

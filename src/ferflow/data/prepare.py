@@ -43,6 +43,7 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ferflow import layout
 from ferflow.config import ArchiveSpec, FetchSettings, PrepareSettings
 from ferflow.cpus import available_cpus
 from ferflow.data import cache as cache_files
@@ -56,8 +57,6 @@ from ferflow.labels import CLASSES, SPLITS
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.parquet"
-REPORT = "report.json"
 MANIFEST_COLUMNS = [
     "path", "split", "label", "label_id", "identity", "sha1", "width", "height", "mode", "cache_index",
     # The region of the image that was cached (prepare.face_crop), in its pixels, and how it
@@ -257,6 +256,7 @@ def prepare_dataset(
     prepared_dir.mkdir(parents=True, exist_ok=True)
     sweep_stale(prepared_dir)
     work = scratch_dir(prepared_dir, spec.name)
+    dest = layout.prepared_dir(prepared_dir, spec.name)
     try:
         listing = inspect_archive(archive, settings.max_uncompressed_bytes)
         entries, layout_skipped = discover(listing.files, spec.name, dirs=listing.dirs)
@@ -267,11 +267,11 @@ def prepare_dataset(
         _check_bad_fraction(spec.name, len(entries), quarantined, settings.max_bad_fraction)
         dupes = check_duplicates(spec.name, manifest, settings)
         report = _report(spec, manifest, quarantined, listing.skipped + layout_skipped, dupes, entries, settings)
-        publish(out, prepared_dir / spec.name, manifest, report)
+        publish(out, dest, manifest, report)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     seconds = time.perf_counter() - start
-    return PrepareResult(spec.name, prepared_dir / spec.name, len(manifest), len(quarantined), seconds)
+    return PrepareResult(spec.name, dest, len(manifest), len(quarantined), seconds)
 
 
 def _decode_and_cache(
@@ -336,8 +336,8 @@ def check_duplicates(name: str, manifest: pd.DataFrame, settings: PrepareSetting
 
 def publish(out: Path, dest: Path, manifest: pd.DataFrame, report: dict) -> None:
     """Write manifest and report beside the caches in `out`, then swap `out` into `dest`."""
-    manifest.to_parquet(out / MANIFEST, index=False)
-    (out / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    manifest.to_parquet(out / layout.MANIFEST, index=False)
+    (out / layout.REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     _replace_dir(out, dest)
 
 

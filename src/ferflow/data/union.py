@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ferflow import layout
 from ferflow.config import ArchiveSpec, FetchSettings, PrepareSettings
 from ferflow.data import cache as cache_files
 from ferflow.data.layout import ImageEntry, assign_splits, check_group_leaks
-from ferflow.data.prepare import (MANIFEST, MANIFEST_COLUMNS, REPORT, PrepareResult, check_duplicates, manifest_digest,
-                                  prepare_dataset, publish, scratch_dir, sweep_stale)
+from ferflow.data.prepare import (MANIFEST_COLUMNS, PrepareResult, check_duplicates, manifest_digest, prepare_dataset,
+                                  publish, scratch_dir, sweep_stale)
 from ferflow.labels import CLASSES, SPLITS
 
 
@@ -44,7 +45,7 @@ def prepare_union(name: str, members: list[ArchiveSpec], raw_dir: Path, prepared
     try:
         folders = {}
         for spec in members:
-            folders[spec.name] = prepared_dir / spec.name
+            folders[spec.name] = layout.prepared_dir(prepared_dir, spec.name)
             if not _reusable(folders[spec.name], spec, settings):
                 folders[spec.name] = prepare_dataset(spec, raw_dir, scratch, settings, fetch).out_dir
         return _gather(name, folders, prepared_dir, settings, start)
@@ -55,11 +56,11 @@ def prepare_union(name: str, members: list[ArchiveSpec], raw_dir: Path, prepared
 def _reusable(folder: Path, spec: ArchiveSpec, settings: PrepareSettings) -> bool:
     """A member's prepared data made from this archive with these image sizes and crop."""
     try:
-        report = json.loads((folder / REPORT).read_text(encoding="utf-8"))
+        report = json.loads((folder / layout.REPORT).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     crop = report.get("face_crop", {"setting": "none", "margin": settings.face_margin})
-    return (report.get("archive", {}).get("sha256") == spec.sha256 and (folder / MANIFEST).is_file()
+    return (report.get("archive", {}).get("sha256") == spec.sha256 and (folder / layout.MANIFEST).is_file()
             and set(settings.image_sizes) <= set(report.get("image_sizes", []))
             and crop.get("setting") == settings.face_crop
             and (settings.face_crop == "none" or crop.get("margin") == settings.face_margin))
@@ -100,15 +101,15 @@ def _gather(name: str, folders: dict[str, Path], prepared_dir: Path, settings: P
             "image_sizes": list(settings.image_sizes),
             "manifest_sha256": manifest_digest(manifest),
         }
-        publish(out, prepared_dir / name, manifest, report)
+        publish(out, layout.prepared_dir(prepared_dir, name), manifest, report)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return PrepareResult(name, prepared_dir / name, len(manifest), 0, time.perf_counter() - start)
+    return PrepareResult(name, layout.prepared_dir(prepared_dir, name), len(manifest), 0, time.perf_counter() - start)
 
 
 def _member(folder: Path, member: str) -> tuple[pd.DataFrame, dict]:
-    manifest = pd.read_parquet(folder / MANIFEST)
-    report = json.loads((folder / REPORT).read_text(encoding="utf-8"))
+    manifest = pd.read_parquet(folder / layout.MANIFEST)
+    report = json.loads((folder / layout.REPORT).read_text(encoding="utf-8"))
     if "face" not in manifest:  # prepared before face crops were recorded: whole images
         manifest = manifest.assign(crop_x0=0, crop_y0=0, crop_x1=manifest["width"], crop_y1=manifest["height"],
                                    face="none", face_score=float("nan"))

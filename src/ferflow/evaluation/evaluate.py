@@ -1,5 +1,6 @@
 """Evaluate fine-tuned runs (and pretrained heads zero-shot) on the eval split of every
-dataset: the cross-dataset matrix, written as files per (model, train set, eval set).
+dataset: the cross-dataset matrix, written as files per (model, train set, eval set)
+(paths: ferflow.layout).
 
     <evaluate.out_dir>/fine-tuned/<train dataset>/<model>/<eval dataset>/metrics.json ...
     <evaluate.out_dir>/fine-tuned/<train dataset>/<model>.json   (summary; DVC metrics)
@@ -17,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ferflow import fileio
+from ferflow import fileio, layout
 from ferflow.config import Params
 from ferflow.data.cache import CachedSplit
 from ferflow.evaluation.gallery import write_error_gallery
@@ -25,13 +26,12 @@ from ferflow.evaluation.metrics import compute_metrics, write_evaluation
 from ferflow.labels import CLASSES
 from ferflow.models import inference
 from ferflow.training.runtime import select_device
-from ferflow.training.trainer import run_dir_for
 
 log = logging.getLogger(__name__)
 
 
 def _manifest_paths(data_dir: Path, split: str) -> list[str]:
-    manifest = pd.read_parquet(data_dir / "manifest.parquet", columns=["path", "split", "cache_index"])
+    manifest = pd.read_parquet(data_dir / layout.MANIFEST, columns=["path", "split", "cache_index"])
     return manifest[manifest["split"] == split].sort_values("cache_index")["path"].tolist()
 
 
@@ -40,18 +40,18 @@ def evaluate_run(params: Params, dataset: str, model_name: str, eval_datasets: O
     the zero-shot result of the checkpoint it started from on the same images
     (`baseline_accuracy`, `baseline_macro_f1`): promotion refuses a model below it."""
     device = select_device(params.require_train().device)
-    predictor = inference.load_run(run_dir_for(params, dataset, model_name), device)
+    predictor = inference.load_run(layout.run_dir(params.require_train().out_dir, dataset, model_name), device)
     info, size = predictor.info, predictor.preprocess.size
-    out_root = params.evaluate.out_dir / "fine-tuned" / dataset / model_name
-    meta = {"model": model_name, "train_dataset": dataset, "stage": "fine-tuned", "input_size": size}
+    out_root = layout.eval_dir(params.evaluate.out_dir, dataset, model_name)
+    meta = {"model": model_name, "train_dataset": dataset, "stage": layout.FINE_TUNED, "input_size": size}
     eval_datasets = eval_datasets_for(params, dataset) if eval_datasets is None else eval_datasets
     baseline = _zero_shot_probs(params, model_name, device, expected_sha256=info.get("weights_sha256"), size=size)
     batch = params.evaluate.batch_size
     summary = _evaluate_each(params, out_root, eval_datasets, size, meta,
                              lambda split: predictor.probabilities_of_split(split, batch), baseline)
     if dataset in summary:  # in-domain predictions, for DVC's confusion-matrix plot
-        in_domain = out_root / dataset / "predictions.csv"
-        fileio.atomic_write_bytes(out_root.with_name(f"{model_name}.predictions.csv"), in_domain.read_bytes())
+        in_domain = layout.eval_cell(out_root, dataset) / layout.PREDICTIONS
+        fileio.atomic_write_bytes(layout.predictions_plot_path(out_root), in_domain.read_bytes())
     return summary
 
 
@@ -69,31 +69,26 @@ def _evaluate_each(params: Params, out_root: Path, eval_datasets: Optional[Itera
     with `baseline` (a zero-shot `probs_for`), its accuracy and macro-F1 on the same split."""
     summary = {}
     for eval_ds in eval_datasets or eval_datasets_for(params):
-        data_dir = params.data.prepared_dir / eval_ds
+        data_dir = layout.prepared_dir(params.data.prepared_dir, eval_ds)
         split = CachedSplit(data_dir, params.evaluate.split, size)
         probs = probs_for(split)
         paths = _manifest_paths(data_dir, params.evaluate.split)
+        cell = layout.eval_cell(out_root, eval_ds)
         metrics = write_evaluation(
-            out_root / eval_ds, split.labels, probs.argmax(1), probs, CLASSES,
+            cell, split.labels, probs.argmax(1), probs, CLASSES,
             {**meta, "eval_dataset": eval_ds, "split": params.evaluate.split},
             paths=paths,
         )
         # After write_evaluation, whose checks explain bad input best; the tiles are read
         # from the memmap, only the chosen rows.
         title = " · ".join(str(v) for v in (meta.get("model"), meta.get("train_dataset"), eval_ds, meta.get("stage")))
-        write_error_gallery(out_root / eval_ds / "errors.png", split.images, split.labels, probs, CLASSES, paths,
-                            title=title)
+        write_error_gallery(cell / layout.ERRORS_PNG, split.images, split.labels, probs, CLASSES, paths, title=title)
         summary[eval_ds] = {k: metrics[k] for k in ("accuracy", "macro_f1", "n")}
         if baseline is not None:
             before = compute_metrics(split.labels, baseline(split).argmax(1), CLASSES)
             summary[eval_ds].update({f"baseline_{k}": before[k] for k in ("accuracy", "macro_f1")})
-    fileio.atomic_write_json(summary_path(out_root), summary)
+    fileio.atomic_write_json(layout.summary_path(out_root), summary)
     return summary
-
-
-def summary_path(out_root: Path) -> Path:
-    """`<model>.json` beside the model's folder: DVC metrics may not sit inside an output."""
-    return out_root.with_name(f"{out_root.name}.json")
 
 
 def _zero_shot_probs(params: Params, model_name: str, device: torch.device,
@@ -117,7 +112,7 @@ def evaluate_zero_shot(params: Params, model_name: str, eval_datasets: Optional[
     """The pretrained 7/8-class head mapped to 3 classes, before any fine-tuning."""
     from ferflow.models import zoo
 
-    out_root = params.evaluate.out_dir / "zero-shot" / "none" / model_name
+    out_root = layout.zero_shot_dir(params.evaluate.out_dir, model_name)
     device = select_device(params.require_train().device)
     size = zoo.input_size(model_name, params.require_train().input_size)
     probs_for = _zero_shot_probs(params, model_name, device, size=size) if params.evaluate.zero_shot else None
@@ -126,8 +121,9 @@ def evaluate_zero_shot(params: Params, model_name: str, eval_datasets: Optional[
         # "before fine-tuning" row, which is recorded rather than failed.
         why_not = ("evaluate.zero_shot is false" if not params.evaluate.zero_shot
                    else _skip_reason(params, model_name))
-        fileio.atomic_write_json(summary_path(out_root), {"skipped": why_not})
+        fileio.atomic_write_json(layout.summary_path(out_root), {"skipped": why_not})
         out_root.mkdir(parents=True, exist_ok=True)
         return {}
-    meta = {"model": model_name, "train_dataset": "none", "stage": "zero-shot", "surprise": params.evaluate.surprise}
+    meta = {"model": model_name, "train_dataset": layout.NO_TRAIN_DATASET, "stage": layout.ZERO_SHOT,
+            "surprise": params.evaluate.surprise}
     return _evaluate_each(params, out_root, eval_datasets, size, meta, probs_for)

@@ -1,5 +1,5 @@
-"""Metrics of one (model, eval set) pair, written as plain files DVC reads directly, and the
-zero-shot mapping of HSEmotion 7/8-class heads onto the 3 LFW emotion classes."""
+"""Metrics of one (model, eval set) pair, written as plain files DVC reads directly (the
+zero-shot mapping of pretrained heads onto the 3 classes is the label contract's: labels.py)."""
 
 from __future__ import annotations
 
@@ -17,19 +17,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
+from ferflow import layout
 from ferflow.labels import CLASSES, METRICS
 from ferflow.errors import FerflowError
 from ferflow.fileio import atomic_path
-
-# metrics.json goes last: its presence marks a complete set (collect_results reads only it).
-EVALUATION_FILES = (
-    "per_class.json",
-    "per_class.csv",
-    "confusion.json",
-    "confusion.png",
-    "predictions.csv",
-    "metrics.json",
-)
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -174,14 +165,14 @@ def write_evaluation(
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out_dir))
     try:
-        _dump_json(staging / "per_class.json", metrics["per_class"])
-        table.to_csv(staging / "per_class.csv", float_format="%.6f", lineterminator="\n")
-        _dump_json(staging / "confusion.json", {"classes": names, "matrix": metrics["confusion_matrix"]})
-        plot_confusion(metrics["confusion_matrix"], names, title or "confusion matrix", staging / "confusion.png")
-        pd.DataFrame(pred).to_csv(staging / "predictions.csv", index=False, float_format="%.6f", lineterminator="\n")
-        _dump_json(staging / "metrics.json", flat)
-        (out_dir / "metrics.json").unlink(missing_ok=True)
-        for name in EVALUATION_FILES:
+        _dump_json(staging / layout.PER_CLASS_JSON, metrics["per_class"])
+        table.to_csv(staging / layout.PER_CLASS_CSV, float_format="%.6f", lineterminator="\n")
+        _dump_json(staging / layout.CONFUSION_JSON, {"classes": names, "matrix": metrics["confusion_matrix"]})
+        plot_confusion(metrics["confusion_matrix"], names, title or "confusion matrix", staging / layout.CONFUSION_PNG)
+        pd.DataFrame(pred).to_csv(staging / layout.PREDICTIONS, index=False, float_format="%.6f", lineterminator="\n")
+        _dump_json(staging / layout.EVAL_METRICS, flat)
+        (out_dir / layout.EVAL_METRICS).unlink(missing_ok=True)
+        for name in layout.EVALUATION_FILES:  # in order, metrics.json last: it marks a complete set
             os.replace(staging / name, out_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ferflow import layout
 from ferflow.errors import FerflowError
 from ferflow.fileio import atomic_write_text
 
@@ -24,7 +25,6 @@ SEED_RESULTS: dict[str, dict[str, float]] = {
     "enet_b2_8": {"LFW-FER": 87.4676, "M-LFW-FER": 56.1039, "M-LFW-FER-face-cut": 76.9167},
 }
 DATASET_ORDER = ("LFW-FER", "M-LFW-FER", "M-LFW-FER-face-cut")
-STAGES = ("fine-tuned", "zero-shot")
 COLUMNS = ["stage", "model", "train_dataset", "eval_dataset", "accuracy", "macro_f1", "balanced_accuracy", "n"]
 QUANTITIES = ("ours", "seed", "zero_shot", "ours_minus_seed", "ours_minus_zero_shot",
               "ours_f1", "zero_shot_f1", "ours_minus_zero_shot_f1")
@@ -62,14 +62,14 @@ def collect_results(eval_root: Path) -> pd.DataFrame:
     if not root.is_dir():
         raise FerflowError(f"{root}: no evaluation results folder; run the evaluate stage first")
     rows = []
-    for path in sorted(root.rglob("metrics.json")):
+    for path in sorted(root.rglob(layout.EVAL_METRICS)):
         rel = path.relative_to(root)
         if any(part.startswith(".") for part in rel.parts):
             continue
-        if len(rel.parts) != 5 or rel.parts[0] not in STAGES:
+        if len(rel.parts) != 5 or rel.parts[0] not in layout.STAGES:
             raise FerflowError(
                 f"{path}: expected <stage>/<train_dataset>/<model>/<eval_dataset>/metrics.json "
-                f"under {root} with stage one of {', '.join(STAGES)}; move or delete this file"
+                f"under {root} with stage one of {', '.join(layout.STAGES)}; move or delete this file"
             )
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -91,7 +91,7 @@ def collect_results(eval_root: Path) -> pd.DataFrame:
                 "n": int(_number(data, "n", path)),
             }
         )
-    rows.extend(_baselines(root, {(r["model"], r["eval_dataset"]) for r in rows if r["stage"] == "zero-shot"}))
+    rows.extend(_baselines(root, {(r["model"], r["eval_dataset"]) for r in rows if r["stage"] == layout.ZERO_SHOT}))
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -99,7 +99,7 @@ def _baselines(root: Path, have: set[tuple[str, str]]) -> list[dict]:
     """Zero-shot rows from the starting points that fine-tuned evaluations record
     (`baseline_*` in `fine-tuned/<train>/<model>.json`), where no zero-shot stage ran."""
     found: dict[tuple[str, str], dict] = {}
-    for path in sorted((root / "fine-tuned").glob("*/*.json")):
+    for path in sorted((root / layout.FINE_TUNED).glob("*/*.json")):
         try:
             summary = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -108,7 +108,7 @@ def _baselines(root: Path, have: set[tuple[str, str]]) -> list[dict]:
             key = (path.stem, eval_dataset)
             if key in have or not isinstance(values, dict) or "baseline_accuracy" not in values:
                 continue
-            found[key] = {"stage": "zero-shot", "model": path.stem, "train_dataset": "none",
+            found[key] = {"stage": layout.ZERO_SHOT, "model": path.stem, "train_dataset": layout.NO_TRAIN_DATASET,
                           "eval_dataset": eval_dataset, "accuracy": _number(values, "baseline_accuracy", path),
                           "macro_f1": _number(values, "baseline_macro_f1", path), "balanced_accuracy": math.nan,
                           "n": int(values.get("n", 0))}
@@ -133,8 +133,8 @@ def results_table(df: pd.DataFrame) -> pd.DataFrame:
 
     "ours" is the in-domain fine-tuned result (trained and evaluated on the same dataset).
     """
-    tuned = df[(df["stage"] == "fine-tuned") & (df["train_dataset"] == df["eval_dataset"])]
-    zero = df[df["stage"] == "zero-shot"]
+    tuned = df[(df["stage"] == layout.FINE_TUNED) & (df["train_dataset"] == df["eval_dataset"])]
+    zero = df[df["stage"] == layout.ZERO_SHOT]
     models = sorted(set(tuned["model"]) | set(zero["model"]))
     datasets = _ordered(set(tuned["eval_dataset"]) | set(zero["eval_dataset"]))
     columns = pd.MultiIndex.from_product([datasets, QUANTITIES], names=["dataset", "quantity"])
@@ -159,9 +159,9 @@ def cross_dataset_matrix(df: pd.DataFrame, model: str) -> pd.DataFrame:
 
     Square over every dataset the model was trained or evaluated on, NaN where not run.
     """
-    tuned = df[(df["stage"] == "fine-tuned") & (df["model"] == model)]
+    tuned = df[(df["stage"] == layout.FINE_TUNED) & (df["model"] == model)]
     if tuned.empty:
-        known = ", ".join(sorted(set(df.loc[df["stage"] == "fine-tuned", "model"]))) or "none"
+        known = ", ".join(sorted(set(df.loc[df["stage"] == layout.FINE_TUNED, "model"]))) or "none"
         raise FerflowError(f"no fine-tuned results for model {model!r} (models with results: {known})")
     datasets = _ordered(set(tuned["train_dataset"]) | set(tuned["eval_dataset"]))
     matrix = pd.DataFrame(
@@ -222,7 +222,7 @@ def render_markdown(df: pd.DataFrame) -> str:
     header = ["dataset", "model", "ours", "seed", "ours − seed", "zero-shot", "ours − zero-shot",
               "ours F1", "zero-shot F1", "ours − zero-shot F1"]
     parts.append(markdown_table(header, rows, numeric_from=2))
-    tuned_models = sorted(set(df.loc[df["stage"] == "fine-tuned", "model"]))
+    tuned_models = sorted(set(df.loc[df["stage"] == layout.FINE_TUNED, "model"]))
     if tuned_models:
         parts.append("## Cross-dataset accuracy (%)\n")
         parts.append("Rows: dataset trained on; columns: dataset evaluated on (eval split). Diagonal: in-domain.\n")
@@ -231,12 +231,13 @@ def render_markdown(df: pd.DataFrame) -> str:
         body = [[train, *(_pct(v) for v in values)] for train, values in matrix.iterrows()]
         parts.append(f"### {model}\n")
         parts.append(markdown_table(["trained on ↓ / evaluated on →", *matrix.columns], body))
-    runs = df.loc[df["stage"] == "fine-tuned", ["train_dataset", "model", "eval_dataset"]]
+    runs = df.loc[df["stage"] == layout.FINE_TUNED, ["train_dataset", "model", "eval_dataset"]]
     if not runs.empty:
         parts.append("## Error galleries\n")
         parts.append(GALLERY_NOTE)
         parts.append("".join(
-            f"- `{train}/{model}`: `evaluation/fine-tuned/{train}/{model}/<eval dataset>/errors.png` for "
+            f"- `{train}/{model}`: `{layout.eval_dir('evaluation', train, model).as_posix()}/<eval dataset>/"
+            f"{layout.ERRORS_PNG}` for "
             f"{', '.join(_ordered(set(group['eval_dataset'])))}\n"
             for (train, model), group in runs.groupby(["train_dataset", "model"], sort=True)))
     return "\n".join(parts)
@@ -246,7 +247,7 @@ def write_report(df: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
     """results.md (tables) and results.csv (the long table, fractions) into out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"markdown": out / "results.md", "csv": out / "results.csv"}
+    paths = {"markdown": out / layout.RESULTS_MD, "csv": out / layout.RESULTS_CSV}
     atomic_write_text(paths["markdown"], render_markdown(df))
     atomic_write_text(paths["csv"], df.to_csv(index=False, lineterminator="\n"))
     return paths

@@ -13,18 +13,18 @@ zoo's own values are what a pretrained checkpoint expects (zero-shot).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from ferflow import layout
 from ferflow.errors import FerflowError
 from ferflow.labels import CLASSES
 from ferflow.models.preprocess import Preprocess
-from ferflow.training.checkpoint import BEST as WEIGHTS, RUN_JSON, load_weights
 
 
 
@@ -80,10 +80,7 @@ class Predictor:
 
 def load_run(run_dir: Path, device: torch.device) -> Predictor:
     """The fine-tuned model of a run directory (best.safetensors and run.json)."""
-    run_dir = Path(run_dir)
-    info_path, weights = run_dir / RUN_JSON, run_dir / WEIGHTS
-    if not info_path.is_file() or not weights.is_file():
-        raise FerflowError(f"{run_dir}: no trained model ({RUN_JSON} / {WEIGHTS} missing); run `ferflow train` first")
+    info_path, weights = layout.trained_files(run_dir)
     return load_files(weights, info_path, device)
 
 
@@ -92,10 +89,10 @@ def load_files(weights: Path, run_json: Path, device: torch.device) -> Predictor
     a registered version's artifacts)."""
     from ferflow.models import zoo
 
-    info = json.loads(Path(run_json).read_text(encoding="utf-8"))
+    info = layout.read_run_json(run_json)  # FerflowError naming the file, not a KeyError later
     entry = zoo.resolve(info["model"])
     classes = list(info.get("classes") or CLASSES)
-    model = zoo.build_finetuned(entry, load_weights(Path(weights)), len(classes))
+    model = zoo.build_finetuned(entry, load_file(str(weights)), len(classes))
     preprocess = Preprocess.from_record(info.get("preprocess"), entry, int(info["input_size"]))
     return Predictor(model, entry, preprocess, device, info=info, classes=classes)
 
@@ -123,7 +120,7 @@ def load_zero_shot(params, model_name: str, device: torch.device, expected_sha25
     mapping = source_mapping(entry.classes, params.evaluate.surprise)
     preprocess = Preprocess.for_entry(entry, size or zoo.input_size(model_name, params.require_train().input_size),
                                       params.prepare.face_crop, params.prepare.face_margin)
-    return Predictor(model, entry, preprocess, device, info={"model": model_name, "stage": "zero-shot"},
+    return Predictor(model, entry, preprocess, device, info={"model": model_name, "stage": layout.ZERO_SHOT},
                      head=lambda m, x: zoo.zero_shot_forward(m, entry, x),
                      collapse=lambda probs: collapse_probs(probs, mapping))
 

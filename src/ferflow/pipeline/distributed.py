@@ -34,6 +34,7 @@ from typing import Optional, Sequence
 
 import yaml
 
+from ferflow import layout
 from ferflow.config import Params, dump_params, load_params
 from ferflow.errors import ConfigError, FerflowError
 from ferflow.pipeline import MLFLOW_OPTIONAL, MLFLOW_REQUIRED, S3_KEYS
@@ -159,9 +160,7 @@ def _check_devices(params: Params, nproc: int) -> None:
 
 
 def _run_dir(params: Params, dataset: str, model: str, workdir: Path) -> Path:
-    from ferflow.training.trainer import run_dir_for
-
-    run_dir = run_dir_for(params, dataset, model)
+    run_dir = layout.run_dir(params.require_train().out_dir, dataset, model)
     return run_dir if run_dir.is_absolute() else workdir / run_dir
 
 
@@ -170,7 +169,7 @@ def _resume_epoch(params: Params, dataset: str, model: str, run_dir: Path) -> in
     from ferflow.training import checkpoint as ckpt
     from ferflow.training.trainer import recipe_hash
 
-    path = run_dir / ckpt.LAST
+    path = run_dir / layout.LAST
     if not path.is_file():
         return 0
     try:
@@ -184,13 +183,12 @@ def read_result(run_dir: Path, resumed_from_epoch: int = 0):
     """The TrainResult `trainer.train` returned in rank 0, rebuilt from the files it wrote:
     train_metrics.json (best epoch, epochs run, the best epoch's val_* metrics) and
     history.json (one record per epoch)."""
-    from ferflow.training.checkpoint import HISTORY_JSON
-    from ferflow.training.trainer import TRAIN_METRICS, TrainResult
+    from ferflow.training.trainer import TrainResult
 
     run_dir = Path(run_dir)
     try:
-        summary = json.loads((run_dir / TRAIN_METRICS).read_text(encoding="utf-8"))
-        history = json.loads((run_dir / HISTORY_JSON).read_text(encoding="utf-8"))
+        summary = json.loads((run_dir / layout.TRAIN_METRICS).read_text(encoding="utf-8"))
+        history = json.loads((run_dir / layout.HISTORY_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise FerflowError(f"training finished but its results in {run_dir} cannot be read: {exc}") from None
     best_metrics = {k: v for k, v in summary.items() if k.startswith("val_")}

@@ -36,6 +36,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
 import yaml
 
+from ferflow import layout
 from ferflow.config import Params, apply_override, dump_params, load_params, parse_override, validate
 from ferflow.errors import ConfigError, FerflowError
 from ferflow.redact import install_log_filter
@@ -47,7 +48,6 @@ RUN_ID_FIELD = "metadata.labels['pipeline/runid']"
 WORK_DIR_ENV = "FERFLOW_WORK_DIR"  # the task's work volume, when it has one
 PARAMS_FILE = "params.yaml"
 DVC_LOCK = "dvc.lock"  # lineage reads ./dvc.lock: the pinned archive md5s reach the MLflow tags
-WEIGHTS, RUN_JSON, RESUME_STATE, MLFLOW_RUN = "best.safetensors", "run.json", "last.pt", "mlflow_run.json"
 
 # Artifact role -> the params key that names its folder.
 PATH_KEYS = {
@@ -271,10 +271,9 @@ def prepare_at(params: Params, datasets: Iterable[str], model: str) -> int:
 def run_dir(params: Params, dataset: str, model: str) -> Path:
     """Where the train stage puts (and register reads) a run directory."""
     from ferflow import stages
-    from ferflow.training.trainer import run_dir_for
 
     stages.check_names(params, [dataset], [model])
-    return run_dir_for(params, dataset, model)
+    return layout.run_dir(params.require_train().out_dir, dataset, model)
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -292,8 +291,8 @@ def publish_reports(reports, params: Params, datasets: Iterable[str]) -> None:
     lineage, not the image caches."""
     counts, digests = {}, {}
     for name in datasets:
-        src = params.data.prepared_dir / name / "report.json"
-        dest = Path(reports.path) / name / "report.json"
+        src = layout.prepared_dir(params.data.prepared_dir, name) / layout.REPORT
+        dest = layout.prepared_dir(reports.path, name) / layout.REPORT
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dest)
         report = json.loads(src.read_text(encoding="utf-8"))
@@ -305,8 +304,8 @@ def publish_model(artifact, run_dir: Path) -> None:
     """Describe a trained run directory (inside the Model artifact) for the KFP UI; the
     resume checkpoint is dropped: no later task resumes from an artifact."""
     run_dir = Path(run_dir)
-    (run_dir / RESUME_STATE).unlink(missing_ok=True)
-    weights = (run_dir / WEIGHTS).resolve().relative_to(Path(artifact.path).resolve())
+    (run_dir / layout.LAST).unlink(missing_ok=True)
+    weights = (run_dir / layout.WEIGHTS).resolve().relative_to(Path(artifact.path).resolve())
     artifact.metadata.update(_model_metadata(run_dir, str(weights)))
 
 
@@ -322,19 +321,19 @@ def publish_registered(artifact, run_dir: Path, version) -> None:
     dest = Path(artifact.path)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "version.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    artifact.metadata.update(_model_metadata(Path(run_dir), WEIGHTS))
+    artifact.metadata.update(_model_metadata(Path(run_dir), layout.WEIGHTS))
     artifact.metadata.update(record)
 
 
 def _model_metadata(run_dir: Path, weights: str) -> dict:
-    info = json.loads((run_dir / RUN_JSON).read_text(encoding="utf-8"))
+    from ferflow.tracking.rundir import read_run_ref
+
+    info = layout.read_run_info(run_dir, required=())
     meta = {"format": "safetensors", "weights": weights, "framework": "pytorch"}
     meta.update({k: info[k] for k in ("model", "dataset", "arch", "input_size", "classes", "recipe_hash") if k in info})
-    ref = run_dir / MLFLOW_RUN
-    if ref.is_file():
-        run_id = json.loads(ref.read_text(encoding="utf-8")).get("run_id")
-        if run_id:
-            meta["mlflow_run_id"] = run_id
+    ref = read_run_ref(run_dir)
+    if ref:
+        meta["mlflow_run_id"] = ref["run_id"]
     return meta
 
 
@@ -363,8 +362,8 @@ def log_evaluation(metrics, confusion, params: Params, dataset: str, model: str,
     matrix; the in-domain confusion matrix as ClassificationMetrics."""
     log_metrics(metrics, {k: v for k, v in summary.get(dataset, {}).items() if k != "n"})
     log_cross_dataset(metrics, summary)
-    # evaluate_run's layout: <evaluate.out_dir>/fine-tuned/<train ds>/<model>/<eval ds>/
-    path = params.evaluate.out_dir / "fine-tuned" / dataset / model / dataset / "confusion.json"
+    root = layout.eval_dir(params.evaluate.out_dir, dataset, model)
+    path = layout.eval_cell(root, dataset) / layout.CONFUSION_JSON
     matrix_ = json.loads(path.read_text(encoding="utf-8"))
     confusion.log_confusion_matrix(list(matrix_["classes"]), [list(map(int, row)) for row in matrix_["matrix"]])
 
@@ -383,11 +382,9 @@ def _embedded_png(path: Path, alt: str) -> str:
 
 def _mlflow_line(params: Params, dataset: str, model: str) -> str:
     """Which MLflow run holds the evaluation's PNGs, as stages.evaluate decides to log them."""
-    ref_path = run_dir(params, dataset, model) / MLFLOW_RUN
-    try:
-        ref = json.loads(ref_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        ref = {}
+    from ferflow.tracking.rundir import read_run_ref
+
+    ref = read_run_ref(run_dir(params, dataset, model)) or {}
     if not params.tracking.enabled or not ref.get("run_id"):
         why = "tracking.enabled is false" if not params.tracking.enabled else "the training recorded no MLflow run"
         return f"Not logged to MLflow ({why}); the files are in this task's `evaluation` artifact."
@@ -396,27 +393,29 @@ def _mlflow_line(params: Params, dataset: str, model: str) -> str:
         if uri.startswith(("http://", "https://")) and experiment_id else f"`{uri}`"
     return (f"MLflow: run `{run_id}` (`{ref.get('run_name', f'{dataset}/{model}')}`, experiment "
             f"`{ref.get('experiment', '')}`) at {where} holds every evaluation's "
-            f"`evaluation/<eval dataset>/errors.png` and `confusion.png`.")
+            f"`evaluation/<eval dataset>/{layout.ERRORS_PNG}` and `{layout.CONFUSION_PNG}`.")
 
 
 def gallery_markdown(params: Params, dataset: str, model: str, summary: Mapping) -> str:
     """The in-domain confusion matrix and error gallery inlined as PNG data URIs (KFP's UI
     renders Markdown, not artifact images), every eval dataset's files named, and the
     MLflow run that holds them too."""
-    root = params.evaluate.out_dir / "fine-tuned" / dataset / model  # evaluate_run's out_root
+    root = layout.eval_dir(params.evaluate.out_dir, dataset, model)
+    cell = layout.eval_cell(root, dataset)
     lines = [f"# {model} trained on {dataset}: where it goes wrong\n"]
     if dataset in summary:
         values = summary[dataset]
         lines.append(f"In-domain ({dataset} eval split, n = {values.get('n', '?')}): accuracy "
                      f"{100 * values['accuracy']:.2f} %, macro-F1 {100 * values['macro_f1']:.2f} %.\n")
         lines.append("## Confusion matrix\n")
-        lines.append(_embedded_png(root / dataset / "confusion.png", f"confusion matrix, {dataset}") + "\n")
+        lines.append(_embedded_png(cell / layout.CONFUSION_PNG, f"confusion matrix, {dataset}") + "\n")
         lines.append("## Most confident mistakes per true class\n")
-        lines.append(_embedded_png(root / dataset / "errors.png", f"error gallery, {dataset}") + "\n")
+        lines.append(_embedded_png(cell / layout.ERRORS_PNG, f"error gallery, {dataset}") + "\n")
     lines.append("## Every evaluation's files\n")
     lines.append("In this task's `evaluation` artifact:\n")
-    lines.extend(f"- {eval_ds}: `fine-tuned/{dataset}/{model}/{eval_ds}/errors.png`, `confusion.png`"
-                 for eval_ds in summary)
+    in_artifact = layout.eval_dir("", dataset, model)  # relative to the artifact's root
+    lines.extend(f"- {eval_ds}: `{(layout.eval_cell(in_artifact, eval_ds) / layout.ERRORS_PNG).as_posix()}`, "
+                 f"`{layout.CONFUSION_PNG}`" for eval_ds in summary)
     lines.append("")
     lines.append(_mlflow_line(params, dataset, model) + "\n")
     return "\n".join(lines)

@@ -48,10 +48,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ferflow import layout
 from ferflow.errors import FerflowError
 from ferflow.fileio import atomic_path, sha256_file
 from ferflow.models.weights import tensors_sha256
-from ferflow.models.inference import WEIGHTS, Predictor, forward
+from ferflow.models.inference import Predictor, forward
 from ferflow.models.preprocess import Preprocess
 from ferflow.serving.reference import REGISTRY_REF, WEIGHTS_TAG
 
@@ -147,7 +148,7 @@ def _on_cpu(predictor: Predictor) -> Predictor:
 
 
 def export_onnx(predictor: Predictor, out: Path, *, source: str = "", weights_sha256: Optional[str] = None,
-                weights_of: str = "best.safetensors", opset: Optional[int] = None,
+                weights_of: str = layout.WEIGHTS, opset: Optional[int] = None,
                 tolerance: float = TOLERANCE, extra_metadata: Optional[dict] = None) -> Exported:
     """Write `predictor` as ONNX to `out` (replaced atomically), checked by onnx.checker and
     by onnxruntime against torch on random images; a gap above `tolerance` is an error.
@@ -213,7 +214,7 @@ def _metadata(predictor: Predictor, source: str, weights_sha256: str, weights_of
     return {
         "ferflow.format": FORMAT_VERSION, "ferflow.version": __version__,
         "ferflow.model": predictor.entry.name, "ferflow.arch": str(predictor.entry.arch),
-        "ferflow.stage": "zero-shot" if predictor.collapse is not None else "fine-tuned",
+        "ferflow.stage": layout.ZERO_SHOT if predictor.collapse is not None else layout.FINE_TUNED,
         "ferflow.classes": json.dumps(list(predictor.classes)), "ferflow.source": str(source),
         "ferflow.weights_sha256": weights_sha256, "ferflow.weights_sha256_of": weights_of,
         "preprocess.size": str(pre.size), "preprocess.mean": json.dumps(list(pre.mean)),
@@ -312,9 +313,9 @@ def _weights_digest(ref: str, predictor: Predictor, params) -> tuple[Optional[st
     """What identifies the exported weights (sha256, of what, extra metadata): a run's
     best.safetensors, a registered version's recorded digest, a zoo model's pinned
     checkpoint digest; else (None) a digest of the tensors."""
-    weights = Path(ref).expanduser() / WEIGHTS
+    weights = Path(ref).expanduser() / layout.WEIGHTS
     if weights.is_file():
-        return sha256_file(weights), "best.safetensors", {}
+        return sha256_file(weights), layout.WEIGHTS, {}
     match = REGISTRY_REF.match(ref.strip())
     if match is not None:
         from ferflow.tracking import service
@@ -324,7 +325,7 @@ def _weights_digest(ref: str, predictor: Predictor, params) -> tuple[Optional[st
                    else client.get_model_version(match["name"], match["version"]))
         extra = {"ferflow.registered_version": f"{version.name}/{version.version}"}
         if version.tags.get(WEIGHTS_TAG):
-            return version.tags[WEIGHTS_TAG], "best.safetensors", extra
+            return version.tags[WEIGHTS_TAG], layout.WEIGHTS, extra
         return None, "state_dict", extra
     pinned = params.weights_for(predictor.entry.name).sha256
     if predictor.collapse is not None and pinned:

@@ -24,13 +24,14 @@ from typing import Iterator
 
 import torch
 
+from ferflow import layout
 from ferflow.config import Params
 from ferflow.errors import ConfigError, FerflowError
 from ferflow.models import inference
 
 REGISTRY_PREFIX = "models:/"
 REGISTRY_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
-_ARTIFACT_KEYS = {"weights": inference.WEIGHTS, "run_json": inference.RUN_JSON}
+_ARTIFACT_KEYS = {"weights": layout.WEIGHTS, "run_json": layout.RUN_JSON}
 WEIGHTS_TAG = "model.weights_sha256"  # ferflow.tracking.packaging.WEIGHTS_TAG, without importing mlflow early
 
 
@@ -47,11 +48,11 @@ def load_reference(ref: str, params: Params, device: torch.device) -> inference.
     path = Path(text).expanduser()
     from ferflow.models.zoo import ZOO
 
-    is_run = (path / inference.RUN_JSON).is_file() and (path / inference.WEIGHTS).is_file()
+    is_run = (path / layout.RUN_JSON).is_file() and (path / layout.WEIGHTS).is_file()
     if path.is_dir() and (is_run or text not in ZOO):  # a stray folder `dan/` does not hide zoo model dan
         if not is_run:
-            raise ModelRefError(f"model reference {ref!r}: the directory lacks {inference.RUN_JSON} or "
-                                f"{inference.WEIGHTS}, so it is not a training run directory (`ferflow train` "
+            raise ModelRefError(f"model reference {ref!r}: the directory lacks {layout.RUN_JSON} or "
+                                f"{layout.WEIGHTS}, so it is not a training run directory (`ferflow train` "
                                 "writes both to train.out_dir/<dataset>/<model>)")
         try:
             return inference.load_run(path, device)
@@ -97,7 +98,7 @@ def _load_registered(ref: str, params: Params, device: torch.device) -> inferenc
         _, version = find_version(client, ref, m.group("name"), m.group("alias"), m.group("version"), where)
         folder = _download(ref, version, uri)
     try:
-        return inference.load_files(folder / inference.WEIGHTS, folder / inference.RUN_JSON, device)
+        return inference.load_files(folder / layout.WEIGHTS, folder / layout.RUN_JSON, device)
     except (FerflowError, ValueError, KeyError, OSError) as exc:
         raise ModelRefError(f"model reference {ref!r}: version {version.version} of {version.name} does not "
                             f"load: {_why(exc)}") from None
@@ -158,7 +159,7 @@ def _download(ref: str, version, tracking_uri: str) -> Path:
             for key_name, file_name in _ARTIFACT_KEYS.items():
                 os.replace(repo.download_artifacts(paths[key_name], str(downloads)), work / file_name)
         shutil.rmtree(downloads)
-        if expected and sha256_file(work / inference.WEIGHTS) != expected:
+        if expected and sha256_file(work / layout.WEIGHTS) != expected:
             raise ModelRefError(f"model reference {ref!r}: the downloaded weights of {version.name} version "
                                 f"{version.version} do not match its {WEIGHTS_TAG} tag {expected[:16]}…")
         shutil.rmtree(folder, ignore_errors=True)  # a stale or partial copy
@@ -175,7 +176,7 @@ def _download(ref: str, version, tracking_uri: str) -> Path:
 def _complete(folder: Path, expected: str | None, sha256_file) -> bool:
     if not all((folder / f).is_file() for f in _ARTIFACT_KEYS.values()):
         return False
-    return expected is None or sha256_file(folder / inference.WEIGHTS) == expected
+    return expected is None or sha256_file(folder / layout.WEIGHTS) == expected
 
 
 def _artifact_paths(ref: str, version, mlmodel: Path) -> dict[str, str]:

@@ -13,12 +13,13 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from ferflow import layout
 from ferflow.config import Params
 from ferflow.errors import FerflowError
 from ferflow.redact import redact_uri
 from ferflow.tracking import service
 from ferflow.tracking.payload import dataset_input, number, run_metrics, run_tags
-from ferflow.tracking.rundir import MLFLOW_RUN_FILE, read_run_ref
+from ferflow.tracking.rundir import read_run_ref
 from ferflow.tracking.service import describe_error
 
 if TYPE_CHECKING:
@@ -27,7 +28,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ARTIFACTS_EVAL = "evaluation"
-EVAL_FILES = ("metrics.json", "confusion.png", "errors.png", "confusion.json", "per_class.json", "per_class.csv")
+# Every evaluation file but predictions.csv (one row per image), gallery included.
+EVAL_FILES = (layout.EVAL_METRICS, layout.CONFUSION_PNG, layout.ERRORS_PNG, layout.CONFUSION_JSON,
+              layout.PER_CLASS_JSON, layout.PER_CLASS_CSV)
 
 # Per eval dataset; baseline_* is the zero-shot result of the run's starting checkpoint.
 EVAL_KEYS = ("accuracy", "macro_f1", "balanced_accuracy", "n", "baseline_accuracy", "baseline_macro_f1")
@@ -43,7 +46,7 @@ def evaluation_records(params: Params, dataset: str, summary: dict, eval_dir: Pa
     for eval_ds, values in summary.items():
         values = dict(values)
         try:  # metrics.json has balanced_accuracy too
-            values.update(json.loads((Path(eval_dir) / eval_ds / "metrics.json").read_text()))
+            values.update(json.loads((layout.eval_cell(eval_dir, eval_ds) / layout.EVAL_METRICS).read_text()))
         except (OSError, ValueError):
             pass
         numeric = {k: number(v) for k, v in values.items() if k in EVAL_KEYS}
@@ -68,12 +71,10 @@ def log_evaluation_run(
     """
     from mlflow.exceptions import MlflowException
 
-    from ferflow.training.trainer import run_dir_for
-
-    run_dir = Path(run_dir or run_dir_for(params, dataset, model))
+    run_dir = Path(run_dir or layout.run_dir(params.require_train().out_dir, dataset, model))
     ref = read_run_ref(run_dir)
     if ref is None:
-        log.info("%s has no %s: evaluation not logged to MLflow", run_dir, MLFLOW_RUN_FILE)
+        log.info("%s has no %s: evaluation not logged to MLflow", run_dir, layout.MLFLOW_RUN)
         return None
     client = service.configure(params)
     uri, run_id = redact_uri(service.current_tracking_uri() or ""), ref["run_id"]
@@ -104,7 +105,7 @@ def _log_into(client: "MlflowClient", params: Params, dataset: str, run_id: str,
     client.log_batch(run_id, metrics=run_metrics(metrics, 0), tags=run_tags(tags))
     for eval_ds in summary:
         for name in EVAL_FILES:
-            path = eval_dir / eval_ds / name
+            path = layout.eval_cell(eval_dir, eval_ds) / name
             if path.is_file():
                 client.log_artifact(run_id, str(path), f"{ARTIFACTS_EVAL}/{eval_ds}")
     client.log_dict(run_id, summary, f"{ARTIFACTS_EVAL}/summary.json")

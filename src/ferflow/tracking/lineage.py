@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Optional
 
 import yaml
 
-from ferflow import __version__
+from ferflow import __version__, layout
 from ferflow.config import Params
 from ferflow.errors import FerflowError
 from ferflow.redact import redact_uri
@@ -32,8 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 UNKNOWN = "unknown"
-REPORT = "report.json"
-MANIFEST = "manifest.parquet"
 DVC_LOCK = Path("dvc.lock")
 KFP_RUN_ENV = ("KFP_RUN_ID", "ARGO_WORKFLOW_NAME")
 # DVC names the experiment in the environment of the stages `dvc exp run` runs.
@@ -67,7 +65,7 @@ def git_tags() -> dict[str, str]:
 
 
 def read_report(prepared_dir: Path, dataset: str) -> dict:
-    path = Path(prepared_dir) / dataset / REPORT
+    path = layout.prepared_dir(prepared_dir, dataset) / layout.REPORT
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -103,8 +101,8 @@ def _base_sha256(run_dir: Optional[Path]) -> Optional[str]:
     if run_dir is None:
         return None
     try:
-        return json.loads((Path(run_dir) / "run.json").read_text(encoding="utf-8")).get("weights_sha256")
-    except (OSError, ValueError):
+        return layout.read_run_info(run_dir, required=()).get("weights_sha256")
+    except FerflowError:  # lineage describes, never fails: the params' digest stands in
         return None
 
 
@@ -149,12 +147,12 @@ def manifest_dataset(prepared_dir: Path, dataset: str, split: str) -> "PandasDat
     from mlflow.data.pandas_dataset import from_pandas
     from mlflow.exceptions import MlflowException
 
-    prepared = Path(prepared_dir) / dataset
+    prepared = layout.prepared_dir(prepared_dir, dataset)
     report = read_report(prepared_dir, dataset)
     digest = report.get("manifest_sha256")
-    if not digest or not (prepared / MANIFEST).is_file():
+    if not digest or not (prepared / layout.MANIFEST).is_file():
         raise FerflowError(f"{prepared}: no prepared manifest/report; run `ferflow prepare --dataset {dataset}`")
-    manifest = pd.read_parquet(prepared / MANIFEST)
+    manifest = pd.read_parquet(prepared / layout.MANIFEST)
     rows = manifest[manifest["split"] == split].reset_index(drop=True)
     uri = redact_uri(str(report.get("archive", {}).get("uri") or prepared))
     with warnings.catch_warnings():
@@ -171,8 +169,9 @@ def manifest_dataset(prepared_dir: Path, dataset: str, split: str) -> "PandasDat
 def has_split(prepared_dir: Path, dataset: str, split: str) -> bool:
     import pandas as pd
 
+    manifest = layout.prepared_dir(prepared_dir, dataset) / layout.MANIFEST
     try:
-        splits = pd.read_parquet(Path(prepared_dir) / dataset / MANIFEST, columns=["split"])["split"]
+        splits = pd.read_parquet(manifest, columns=["split"])["split"]
     except (OSError, ValueError):
         return False
     return bool((splits == split).any())

@@ -28,10 +28,11 @@ from mlflow.models import Model, ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.types import ColSpec, Schema
 
+from ferflow import layout
 from ferflow.fileio import sha256_file
 from ferflow.errors import FerflowError
 from ferflow.redact import redact_tree
-from ferflow.tracking.rundir import RUN_JSON, WEIGHTS, read_run_dir, recorded_run_id
+from ferflow.tracking.rundir import read_run_dir, recorded_run_id
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def log_model(run_dir: Path, run_id: Optional[str] = None, engine: str = "torch"
 def log_into_run(client: MlflowClient, run_dir: Path, info: dict, run_id: str, engine: str = "torch") -> ModelInfo:
     """Log the model of `run_dir` (its run.json: `info`) into run `run_id`, or return the
     model an earlier try logged there from the same weights and engine."""
-    weights_sha256 = sha256_file(run_dir / WEIGHTS)
+    weights_sha256 = sha256_file(run_dir / layout.WEIGHTS)
     existing = _find_logged_model(client, run_id, weights_sha256, engine)
     if existing is not None:
         log.info("run %s already holds model %s with these weights; reusing it", run_id, existing.model_id)
@@ -139,14 +140,14 @@ def _model_artifacts(run_dir: Path, info: dict, staging: Path) -> dict[str, str]
 
     run.json is logged as a redacted copy: a run directory written by an older ferflow may
     still hold archive or weights URIs with credentials in them."""
-    run_json = staging / RUN_JSON
+    run_json = staging / layout.RUN_JSON
     run_json.write_text(json.dumps(redact_tree(info), indent=2), encoding="utf-8")
-    artifacts = {"weights": str(run_dir / WEIGHTS), "run_json": str(run_json)}
+    artifacts = {"weights": str(run_dir / layout.WEIGHTS), "run_json": str(run_json)}
     if str((info.get("preprocess") or {}).get("face_crop", "none")).startswith("detect"):
         from ferflow.config import validate
         from ferflow.data.faces import detector_weights
 
-        params = validate(info["params"], origin=str(run_dir / RUN_JSON))
+        params = validate(info["params"], origin=str(run_dir / layout.RUN_JSON))
         artifacts["detector"] = str(detector_weights(params.prepare.detector, params.fetch))
     return artifacts
 

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
+from ferflow import layout
 from ferflow.config import Params
 from ferflow.errors import FerflowError
 from ferflow.tracking import service
@@ -61,10 +62,8 @@ def per_dataset(values: dict, datasets: list[str]) -> dict[str, dict]:
 def evaluation_files(params: Params, dataset: str, model: str) -> Optional[Evaluation]:
     """The evaluate stage's summary (`<model>.json`) and per-dataset metrics.json, named
     like the training run's metrics; None when not evaluated."""
-    from ferflow.evaluation.evaluate import summary_path
-
-    root = params.evaluate.out_dir / "fine-tuned" / dataset / model
-    summary = summary_path(root)
+    root = layout.eval_dir(params.evaluate.out_dir, dataset, model)
+    summary = layout.summary_path(root)
     if not summary.is_file():
         return None
     try:
@@ -139,13 +138,14 @@ def registry_results(params: Params) -> "pd.DataFrame":
             for model, version in sorted(chosen.items()):
                 train_dataset = version.tags.get("dataset.name", dataset)
                 for eval_ds, m in sorted(per_dataset(version.tags, eval_datasets(version.tags)).items()):
-                    rows.append({"stage": "fine-tuned", "model": model, "train_dataset": train_dataset,
+                    rows.append({"stage": layout.FINE_TUNED, "model": model, "train_dataset": train_dataset,
                                  "eval_dataset": eval_ds, "accuracy": m["accuracy"],
                                  "macro_f1": m.get("macro_f1", math.nan),
                                  "balanced_accuracy": m.get("balanced_accuracy", math.nan), "n": int(m.get("n", 0))})
                     if "baseline_accuracy" in m:  # the starting point recorded with this version
                         baselines[(model, eval_ds)] = {
-                            "stage": "zero-shot", "model": model, "train_dataset": "none", "eval_dataset": eval_ds,
+                            "stage": layout.ZERO_SHOT, "model": model, "train_dataset": layout.NO_TRAIN_DATASET,
+                            "eval_dataset": eval_ds,
                             "accuracy": m["baseline_accuracy"], "macro_f1": m.get("baseline_macro_f1", math.nan),
                             "balanced_accuracy": math.nan, "n": int(m.get("n", 0))}
     rows.extend(baselines[k] for k in sorted(baselines))

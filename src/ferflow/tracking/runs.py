@@ -19,7 +19,6 @@ a notebook's own active run is never touched.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -27,13 +26,14 @@ from typing import TYPE_CHECKING, Optional
 
 import yaml
 
+from ferflow import layout
 from ferflow.config import Params, dump_params
 from ferflow.errors import FerflowError
 from ferflow.redact import redact_tree, redact_uri
 from ferflow.tracking import service
 from ferflow.tracking.parent_runs import PARENT_RUN_ENV
 from ferflow.tracking.payload import dataset_input, flatten_params, run_metrics, run_tags
-from ferflow.tracking.rundir import RUN_JSON, read_run_ref, write_run_ref
+from ferflow.tracking.rundir import read_run_ref, write_run_ref
 from ferflow.tracking.service import describe_error
 
 if TYPE_CHECKING:
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ARTIFACTS_TRAIN = "training"
-RUN_FILES = ("history.json", "history.csv", "train_metrics.json")
 
 
 def _is_main_process() -> bool:
@@ -96,11 +95,11 @@ class MlflowTrainCallback:
         parent_run_id: Optional[str] = None,
         run_dir: Optional[Path] = None,
     ):
-        from ferflow.training.trainer import recipe_hash, run_dir_for
+        from ferflow.training.trainer import recipe_hash
 
         self.params, self.dataset, self.model = params, dataset, model
         self.parent_run_id = parent_run_id or os.environ.get(PARENT_RUN_ENV) or None
-        self.run_dir = Path(run_dir or run_dir_for(params, dataset, model))
+        self.run_dir = Path(run_dir or layout.run_dir(params.require_train().out_dir, dataset, model))
         self.recipe = recipe_hash(params, dataset, model)
         self.run_name = f"{dataset}/{model}"
         self.enabled = _is_main_process()
@@ -160,7 +159,7 @@ class MlflowTrainCallback:
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
         prior = read_run_ref(self.run_dir)
-        if prior and prior.get("recipe_hash") == self.recipe and (self.run_dir / "last.pt").is_file():
+        if prior and prior.get("recipe_hash") == self.recipe and (self.run_dir / layout.LAST).is_file():
             try:
                 run = client.get_run(prior["run_id"])
             except MlflowException:
@@ -274,12 +273,12 @@ class MlflowTrainCallback:
         summary = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                    **{f"best_{k}": v for k, v in result.best_metrics.items()}}
         client.log_batch(run_id, metrics=run_metrics(summary, result.epochs_run))
-        for name in RUN_FILES:
+        for name in layout.RUN_FILES:
             if (result.run_dir / name).is_file():
                 client.log_artifact(run_id, str(result.run_dir / name), ARTIFACTS_TRAIN)
-        run_json = result.run_dir / RUN_JSON
-        if run_json.is_file():  # redacted copy: it holds the params (URIs) and weights source
-            client.log_dict(run_id, redact_tree(json.loads(run_json.read_text())), f"{ARTIFACTS_TRAIN}/run.json")
+        if (result.run_dir / layout.RUN_JSON).is_file():  # redacted copy: it holds the params (URIs) and weights source
+            info = layout.read_run_info(result.run_dir, required=())
+            client.log_dict(run_id, redact_tree(info), f"{ARTIFACTS_TRAIN}/{layout.RUN_JSON}")
         client.log_text(run_id, yaml.safe_dump(redact_tree(dump_params(self.params)), sort_keys=False),
                         f"{ARTIFACTS_TRAIN}/params.yaml")
         client.log_dict(run_id, {"classes": list(CLASSES), "label_ids": {c: i for i, c in enumerate(CLASSES)}},

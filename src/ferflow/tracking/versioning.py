@@ -22,9 +22,10 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from ferflow import layout
 from ferflow.config import Params
+from ferflow.errors import ConfigError, FerflowError
 from ferflow.fileio import sha256_file
-from ferflow.errors import FerflowError
 from ferflow.redact import redact_uri
 from ferflow.tracking import service
 from ferflow.tracking.card import model_card
@@ -33,7 +34,7 @@ from ferflow.tracking.packaging import MODEL_TAGS, WEIGHTS_TAG, log_into_run
 from ferflow.tracking.payload import number_text, run_metrics, version_tag
 from ferflow.tracking.promotion import CHALLENGER
 from ferflow.tracking.queries import Evaluation, evaluation_files, evaluation_from_run, versions
-from ferflow.tracking.rundir import WEIGHTS, read_run_dir, recorded_run_id, train_metrics
+from ferflow.tracking.rundir import read_run_dir, recorded_run_id, train_metrics
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,13 @@ def register(params: Params, dataset: str, run_dir: Path) -> ModelVersion:
     found (another server, deleted) a new run is created in `tracking.experiment` and
     tagged `ferflow.registered_from_run_dir`. Evaluation comes from the evaluate stage's
     files (`evaluate.out_dir`), else from the run's `eval_*` metrics.
+
+    `tracking.log_model: false` refuses (ConfigError) before anything is read or written:
+    a version is made from the model logged into the run, so there is no version without it.
     """
+    if not params.tracking.log_model:
+        raise ConfigError(f"tracking.log_model is false, so {run_dir} cannot be registered: a registered version "
+                          "is the model logged to MLflow; set tracking.log_model=true to register it")
     run_dir = Path(run_dir)
     params.data.check_dataset(dataset)  # a clear error for an unknown dataset
     info = read_run_dir(run_dir)
@@ -62,7 +69,7 @@ def register(params: Params, dataset: str, run_dir: Path) -> ModelVersion:
         raise FerflowError(f"{run_dir}: trained on {info['dataset']!r}, not {dataset!r}; pass --dataset {info['dataset']}")
     model = str(info["model"])
     on_disk = evaluation_files(params, dataset, model)
-    weights_sha256 = sha256_file(run_dir / WEIGHTS)
+    weights_sha256 = sha256_file(run_dir / layout.WEIGHTS)
     name = params.registry.name_for(dataset)
     hint = f"; nothing was written to {run_dir}: re-run `ferflow register` when MLflow is back"
     client = service.connect(params, hint)
@@ -255,8 +262,9 @@ def _version_tags(params: Params, info: dict, dataset: str, run_dir: Path, run, 
     if experiment:
         tags[EXPERIMENT_TAG] = experiment  # clipped below, with every tag
     if tags.get("eval.manifest_sha256", "unknown") == "unknown":
+        report = layout.prepared_dir(params.data.prepared_dir, dataset) / layout.REPORT
         raise FerflowError(
-            f"{params.data.prepared_dir / dataset / 'report.json'}: no manifest_sha256 to identify the evaluation "
+            f"{report}: no manifest_sha256 to identify the evaluation "
             f"data, so the promotion gate could not compare this version; run `ferflow prepare --dataset {dataset}`"
         )
     tags.setdefault("eval.split", params.evaluate.split)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Protocol, Sequence
 
-from ferflow.training.checkpoint import LAST
+from ferflow.layout import LAST
 
 if TYPE_CHECKING:
     from ferflow.training.loop import TrainResult

@@ -18,12 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from ferflow.errors import FerflowError
 from ferflow.fileio import atomic_path, atomic_write_bytes, atomic_write_json
-
-BEST = "best.safetensors"
-RUN_JSON = "run.json"  # what was trained (trainer) and how to feed it (models.inference)
-LAST = "last.pt"
-HISTORY_JSON = "history.json"
-HISTORY_CSV = "history.csv"
+from ferflow.layout import HISTORY_CSV, HISTORY_JSON
 
 
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ferflow import fileio
+from ferflow import fileio, layout
 from ferflow.config import TrainSettings
 from ferflow.data.cache import CachedSplit
 from ferflow.data.loader import CacheLoader, EpochBatchSampler
@@ -151,7 +151,7 @@ class Trainer:
                     sched.load_state_dict(state["scheduler"])
                     scaler.load_state_dict(state["scaler"])
                 except _STATE_ERRORS as exc:
-                    raise ckpt.unusable_last(run_dir / ckpt.LAST, _does_not_fit(exc)) from exc
+                    raise ckpt.unusable_last(run_dir / layout.LAST, _does_not_fit(exc)) from exc
             for _ in range(done_in_stage, stage.epochs):
                 epoch += 1
                 record = self.train_epoch(epoch, name, opt, sched, scaler, callbacks)
@@ -171,7 +171,7 @@ class Trainer:
                 stopped = bool(patience and stale >= patience)
                 if self.rt.is_main:
                     ckpt.write_history(run_dir, history)
-                    ckpt.save_last(run_dir / ckpt.LAST, {
+                    ckpt.save_last(run_dir / layout.LAST, {
                         "epoch": epoch, "model": self.model.state_dict(), "optimizer": opt.state_dict(),
                         "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
                         "ema": self.ema.state_dict() if self.ema else None, "rng": ckpt.rng_state(),
@@ -183,12 +183,14 @@ class Trainer:
                     log.info("early stopping after epoch %d (%d epochs without improvement)", epoch, stale)
                     break
             first += stage.epochs
+        if self.rt.is_main and history:  # also after a resume with nothing left: DVC removed the file
+            ckpt.write_history(run_dir, history)
         result = TrainResult(run_dir, best["epoch"], best["metrics"], epoch, history, self.resumed_from_epoch)
         self._write_params_digest()
         return result
 
     def _resume(self) -> dict:
-        path = self.run_dir / ckpt.LAST
+        path = self.run_dir / layout.LAST
         if not path.is_file():
             return {}
         state = ckpt.load_last(path)  # FerflowError naming the file when it is not ours or broken
@@ -199,6 +201,12 @@ class Trainer:
         epoch = state["epoch"]
         if type(epoch) is not int or epoch < 0:
             raise ckpt.unusable_last(path, f"its epoch is {epoch!r}")
+        if (state.get("best") or {}).get("metric", -1.0) > -1.0 and not (self.run_dir / layout.WEIGHTS).is_file():
+            # The best epoch's weights are only in best.safetensors (DVC removes a stage's
+            # outputs before it reruns it): resuming would end without them.
+            log.warning("%s: %s is missing, so the run cannot be resumed; training from the start",
+                        path, layout.WEIGHTS)
+            return {}
         try:
             self.model.load_state_dict(state["model"])
             self.criterion.load_state_dict(state["criterion"])
@@ -235,7 +243,7 @@ class Trainer:
     def _save_best(self, epoch: int) -> None:
         source = self.ema.module if self.ema is not None else self.model
         meta = {"epoch": str(epoch), "model": self.entry.name, "classes": ",".join(CLASSES), "format": "ferflow-3class"}
-        ckpt.save_weights(self.run_dir / ckpt.BEST, source.state_dict(), meta)
+        ckpt.save_weights(self.run_dir / layout.WEIGHTS, source.state_dict(), meta)
 
     def _start_record(self) -> dict:
         """Epoch 0: the pretrained model with its mapped head, before any update."""

@@ -5,7 +5,7 @@ This module sets a run up and owns its records (what it is, where it lives, its 
 the loop itself is ferflow.training.loop.Trainer, reporting through callbacks
 (ferflow.training.callbacks).
 
-Run directory (`train.out_dir/<dataset>/<model>/`):
+Run directory (`train.out_dir/<dataset>/<model>/`; the names: ferflow.layout):
     best.safetensors   weights of the best validation epoch (3-class head)
     last.pt            full training state after the last finished epoch (resume)
     history.json/.csv  one record per epoch
@@ -24,14 +24,13 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 from torch import nn
 
-from ferflow import __version__, fileio
+from ferflow import __version__, fileio, layout
 from ferflow.config import Params, TrainSettings, dump_params
 from ferflow.data.cache import CachedSplit
 from ferflow.errors import FerflowError
 from ferflow.labels import CLASSES, source_mapping
 from ferflow.models.preprocess import Preprocess
 from ferflow.redact import redact_tree
-from ferflow.training import checkpoint as ckpt
 from ferflow.training.callbacks import CallbackList, ConsoleCallback, TrainCallback
 from ferflow.training.loop import Trainer, TrainResult
 from ferflow.training.runtime import setup_runtime
@@ -40,7 +39,6 @@ if TYPE_CHECKING:
     from ferflow.models.weights import PretrainedWeights
 
 log = logging.getLogger(__name__)
-TRAIN_METRICS = "train_metrics.json"
 
 # Keys of `train` that change how fast a run goes but not what it computes: left out of the
 # recipe hash (a resume continues across them) and of the train stage's `params:` in dvc.yaml
@@ -55,10 +53,6 @@ def recipe_hash(params: Params, dataset: str, model_name: str) -> str:
             "weights": params.weights_for(model_name).model_dump(mode="json"),
             "archive_sha256": params.data.content_sha256(dataset)}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def run_dir_for(params: Params, dataset: str, model_name: str) -> Path:
-    return params.require_train().out_dir / dataset / model_name
 
 
 def train(
@@ -76,8 +70,8 @@ def train(
     params.data.check_dataset(dataset)  # a clear error for an unknown dataset name
     entry = zoo.resolve(model_name)
     size = zoo.input_size(model_name, cfg.input_size)
-    run_dir = Path(run_dir or run_dir_for(params, dataset, model_name))
-    data_dir = params.data.prepared_dir / dataset
+    run_dir = Path(run_dir or layout.run_dir(cfg.out_dir, dataset, model_name))
+    data_dir = layout.prepared_dir(params.data.prepared_dir, dataset)
     rt = setup_runtime(cfg, params.seed)
     try:
         train_split = CachedSplit(data_dir, "train", size)
@@ -104,8 +98,8 @@ def train(
             run_dir.mkdir(parents=True, exist_ok=True)
             # What serving must do to an image to give it what training saw (models.inference).
             preprocess = Preprocess.for_training(entry, size, params.prepare).as_record()
-            fileio.atomic_write_json(run_dir / ckpt.RUN_JSON, {**info, "params": redact_tree(dump_params(params)),
-                                                             "classes": list(CLASSES), "preprocess": preprocess})
+            fileio.atomic_write_json(run_dir / layout.RUN_JSON, {**info, "params": redact_tree(dump_params(params)),
+                                                               "classes": list(CLASSES), "preprocess": preprocess})
         console = rt.is_main and not any(isinstance(cb, ConsoleCallback) for cb in callbacks)
         reporters = CallbackList([ConsoleCallback(), *callbacks] if console else callbacks)
         reporters.on_train_start(info)
@@ -148,7 +142,7 @@ def _validation_split(data_dir: Path, size: int) -> CachedSplit:
 
 def _write_train_metrics(result: TrainResult) -> None:
     speeds = [h["images_per_s"] for h in result.history if h["images_per_s"]]  # epoch 0 trains nothing
-    fileio.atomic_write_json(result.run_dir / TRAIN_METRICS, {
+    fileio.atomic_write_json(result.run_dir / layout.TRAIN_METRICS, {
         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, **result.best_metrics,
         "train_images_per_s": float(np.mean(speeds)) if speeds else 0.0,
     })
