@@ -84,10 +84,6 @@ def is_redacted(uri: str) -> bool:
     return bool(_MASKED.search(uri))
 
 
-def has_secrets(text: str) -> bool:
-    return redact_text(text) != text
-
-
 class RedactingFilter(logging.Filter):
     """Redacts each record's final message: third-party debug lines (urllib3 logs request
     lines with their query strings) pass through the same policy as ferflow's own."""

@@ -72,7 +72,7 @@ def prepare(params: Params, names: Optional[Iterable[str]] = None):
             members = [data.archive(m) for m in data.members(name)]
             results.append(prepare_union(name, members, data.raw_dir, data.prepared_dir, params.prepare, params.fetch))
         else:
-            spec = data.archive(data.check_dataset(name))
+            spec = data.archive(name)  # checked above
             results.append(prepare_dataset(spec, data.raw_dir, data.prepared_dir, params.prepare, params.fetch))
     return results
 
