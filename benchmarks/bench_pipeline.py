@@ -4,7 +4,7 @@
 
 The KFP launcher copies every input artifact onto the pod before the code starts
 (FACTS.md), so a task reads the sizes of its input artifacts, plus what its code downloads
-itself (a component that calls `glue.fetch_archives` for its dataset). Both pipelines are
+itself (a component that calls `stages.fetch` for its dataset). Both pipelines are
 read from their compiled YAML: the tasks, the loops they sit in (the matrix of (dataset,
 model) pairs, the models), and each input's producing task. Artifact sizes come from
 params.yaml: the real archives' sizes and image counts (FACTS.md), the image sizes of
@@ -92,7 +92,7 @@ def measure(text: str, params: Params) -> dict:
     runs = defaultdict(list)
     for name, component, inputs, loop in tasks(spec):
         command = json.dumps(executors[spec["components"][component]["executorLabel"]]["container"])
-        fetches_own = "fetch_archives(" in command and name != "fetch"
+        fetches_own = "stages.fetch(" in command and name != "fetch"
         instances = {"matrix": matrix, "models": [("", m) for m in models]}.get(loop, [("", "")])
         for dataset, model in instances:
             reads = 0

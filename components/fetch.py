@@ -22,8 +22,10 @@ def fetch(
     raw: Output[Dataset],
 ):
     """Resolve the params every later task uses (the `config` artifact) and fetch every
-    archive into `raw`; archives pinned in dvc.lock come from the DVC remote by md5. Cached:
-    the inputs pin each archive by sha256, so a verified download is the same content."""
+    archive into `raw` with the CLI's fetch: archives pinned in dvc.lock come from the DVC
+    remote by md5 and are held to the pin. Cached: the inputs pin each archive by sha256,
+    so a verified download is the same content."""
+    from ferflow import stages
     from ferflow.pipeline import glue
 
     resolved = glue.resolve_config(
@@ -32,5 +34,4 @@ def fetch(
     )
     glue.publish_config(config, resolved)
     with glue.workspace(config.path, dvc_lock=dvc_lock, outputs={"raw": raw.path}) as params:
-        pinned = glue.fetch_archives(params, params.data.archives, dvc_lock, dvc_remote)
-        glue.describe_raw(raw, params, pinned)
+        glue.describe_raw(raw, stages.fetch(params, dvc_lock=dvc_lock, dvc_remote=dvc_remote))

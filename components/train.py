@@ -23,10 +23,11 @@ def train(
     run.json, history, MLflow run id) becomes `model`, the prepare reports `reports`."""
     from pathlib import Path
 
+    from ferflow import stages
     from ferflow.pipeline import distributed, glue
 
     with glue.workspace(config.path, dvc_lock=dvc_lock, outputs={"models": model.path}) as params:
-        glue.fetch_archives(params, params.data.members(dataset), dvc_lock, dvc_remote)
+        stages.fetch(params, params.data.members(dataset), dvc_lock=dvc_lock, dvc_remote=dvc_remote)
         glue.prepare_at(params, [dataset], model_name)
         result = distributed.launch_train(params, Path(glue.PARAMS_FILE).resolve(), dataset, model_name, gpus)
         glue.publish_model(model, result.run_dir)

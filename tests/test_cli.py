@@ -101,6 +101,7 @@ def test_kfp_task_names_are_checked_too():
 
     from ferflow.config import load_params
     from ferflow.errors import ConfigError
+    from ferflow import stages
     from ferflow.pipeline import glue
 
     params = load_params(REPO / "params.yaml")
@@ -111,4 +112,4 @@ def test_kfp_task_names_are_checked_too():
     with pytest.raises(ConfigError, match=r"'\.\./x'"):
         glue.run_dir(params, "LFW-FER", "../x")
     with pytest.raises(ConfigError, match=r"'\.\./x'"):
-        glue.fetch_archives(params, ["../x"])
+        stages.fetch(params, ["../x"])

@@ -76,14 +76,20 @@ def fetch(
     dataset: DatasetOpt = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
+    dvc_lock: Annotated[Path, typer.Option(help="dvc.lock whose fetch@ entries pin archives by md5 "
+                                                "(absent: no pins)")] = Path("dvc.lock"),
+    dvc_remote: Annotated[str, typer.Option(help="DVC remote URL to fetch pinned archives from by md5 "
+                                                 "(default: their params URI)")] = "",
     verbose: VerboseOpt = False,
 ) -> None:
-    """Download the archives in data.archives into data.raw_dir, verified by sha256."""
+    """Download the archives in data.archives into data.raw_dir, verified by sha256 and by
+    the md5 dvc.lock pins (the same fetch as the KFP fetch task)."""
     cfg = _load(params, set_, verbose)
-    results = stages.fetch(cfg, dataset)
+    results = stages.fetch(cfg, dataset, dvc_lock=dvc_lock, dvc_remote=dvc_remote)
     table = Table("archive", "bytes", "sha256", "action")
     for r in results:
-        table.add_row(r.name, f"{r.size:,}", r.sha256[:16] + "…", "downloaded" if r.downloaded else "verified, reused")
+        action = "downloaded" + (" (DVC remote)" if r.from_dvc_remote else "") if r.downloaded else "verified, reused"
+        table.add_row(r.name, f"{r.size:,}", r.sha256[:16] + "…", action)
     out.print(table)
 
 

@@ -49,12 +49,15 @@ def select_archives(params: Params, names: Optional[Iterable[str]]) -> list[Arch
     return [params.data.archive(n) for n in names]
 
 
-def fetch(params: Params, names: Optional[Iterable[str]] = None):
-    """Download (or reuse) and verify the archives named in params."""
-    from ferflow.data.sources import fetch_archive
+def fetch(params: Params, names: Optional[Iterable[str]] = None, dvc_lock=None, dvc_remote: str = ""):
+    """Download (or reuse) and verify the archives named in params (default: all), each
+    held to its dvc.lock pin (a file, its text or parsed) and fetched by md5 from the DVC
+    remote `dvc_remote` when one is given."""
+    from ferflow.data.dvc_remote import fetch_archives
 
+    specs = select_archives(params, names)  # names checked before any path is built
     params.data.raw_dir.mkdir(parents=True, exist_ok=True)
-    return [fetch_archive(spec, params.data.raw_dir, params.fetch) for spec in select_archives(params, names)]
+    return fetch_archives(specs, params.data.raw_dir, params.fetch, dvc_lock, dvc_remote)
 
 
 def prepare(params: Params, names: Optional[Iterable[str]] = None):

@@ -1,13 +1,16 @@
 """The fetch component in DVC mode: archives pinned by a real dvc.lock are downloaded from
 the DVC S3 remote (moto server process, filled by a real `dvc push`) by md5, checked
 against both the lock's md5 and the params' sha256; unpinned or unavailable ones come
-from their params URI and are still held to the lock."""
+from their params URI and are still held to the lock. `ferflow fetch` (the dvc.yaml stage)
+is the same fetch: tested here through the CLI, with the lock of a real `dvc repro`."""
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -137,3 +140,80 @@ def test_a_remote_url_with_credentials_is_not_embedded(tmp_path):
     with pytest.raises(FerflowError, match="credentials") as caught:
         read_dvc_remote(tmp_path)
     assert "hunter2" not in str(caught.value)
+
+
+# ---------------------------------------------------------------- the CLI's fetch: the same pins
+
+
+def _copy(ws: Path, tmp: Path, uri_root: Path = None) -> Path:
+    """A copy of the pushed workspace (lock, cache, params) with no fetched archives."""
+    dest = tmp / "ws"
+    shutil.copytree(ws, dest, ignore=shutil.ignore_patterns("raw"))
+    if uri_root is not None:
+        params = yaml.safe_load((dest / "params.yaml").read_text())
+        for name, source in params["data"]["archives"].items():
+            source["uri"] = str(uri_root / f"{name}.zip")
+        (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dest
+
+
+def _cli(cwd: Path, *args, env=None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
+    return subprocess.run(["ferflow", "fetch", *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_the_cli_fetches_pinned_archives_from_the_remote_like_the_task(pushed, s3_server, tmp_path):
+    ws = _copy(pushed, tmp_path, uri_root=tmp_path / "nowhere")
+    done = _cli(ws, "--dvc-remote", REMOTE, env=s3_server.env())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("DVC remote") == len(NAMES)
+    for name in NAMES:
+        assert (ws / "data/raw" / f"{name}.zip").read_bytes() == (pushed / "data/raw" / f"{name}.zip").read_bytes()
+
+
+def test_the_cli_holds_archives_to_the_lock(pushed, tmp_path):
+    ws = _copy(pushed, tmp_path)
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())
+    lock["stages"]["fetch@LFW-FER"]["outs"][0]["md5"] = "0" * 32
+    (ws / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
+    done = _cli(ws, "--dataset", "LFW-FER")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"dvc.lock pins md5 {'0' * 32}" in done.stderr
+    # Another lock file, or none, is the caller's choice.
+    assert _cli(ws, "--dataset", "LFW-FER", "--dvc-lock", str(tmp_path / "none.lock")).returncode == 0
+
+
+def test_a_pin_recorded_for_other_params_is_stale_not_an_error(pushed, tmp_path):
+    """`dvc repro` after a params change runs the fetch stage with the old lock entry: the
+    stale pin is set aside, and DVC records the new one."""
+    ws = _copy(pushed, tmp_path)
+    archive = ws / "archives" / "LFW-FER.zip"
+    with zipfile.ZipFile(archive, "a") as zf:  # new content, so a new sha256
+        zf.comment = b"relabelled"
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["data"]["archives"]["LFW-FER"].update(sha256=hashlib.sha256(archive.read_bytes()).hexdigest(),
+                                                size=archive.stat().st_size)
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    old = dvc_remote.read_pins(ws / "dvc.lock")["LFW-FER"]
+    # The compiled pipeline leaves the stale pin out, and says so.
+    assert set(PipelineDefaults.from_checkout(ws).dvc_lock["stages"]) == {f"fetch@{n}" for n in NAMES[1:]}
+    _run(["dvc", "repro", "fetch@LFW-FER"], ws)
+    new = dvc_remote.read_pins(ws / "dvc.lock")["LFW-FER"]
+    assert new.md5 == dvc_remote.md5_file(ws / "data/raw/LFW-FER.zip") != old.md5
+    assert new.sha256 == params["data"]["archives"]["LFW-FER"]["sha256"]
+    assert _cli(ws, "--dataset", "LFW-FER").returncode == 0
+
+
+def test_the_embedded_lock_holds_hashes_only(pushed, tmp_path):
+    """DVC records the stage's params, archive URIs included, in dvc.lock: none of that may
+    reach the compiled pipeline (a URI may carry a token)."""
+    ws = _copy(pushed, tmp_path)
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())
+    for entry in lock["stages"].values():
+        for archive in entry["params"]["params.yaml"]["data.archives"].values():
+            archive["uri"] = "https://host/x.zip?token=hunter2"
+    (ws / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
+    embedded = PipelineDefaults.from_checkout(ws).dvc_lock
+    assert "hunter2" not in json.dumps(embedded) and "uri" not in json.dumps(embedded)
+    assert dvc_remote.read_pins(embedded) == dvc_remote.read_pins(lock)

@@ -35,15 +35,18 @@ class Reached(Exception):
 
 class Calls(list):
     passthrough: set = set()
+    keywords: dict = {}  # stage -> the keyword arguments of its last call
 
 
 @pytest.fixture
 def recorded(monkeypatch):
     calls = Calls()
+    calls.keywords = {}
 
     def recorder(name):
         def stage(*args, **kwargs):
             calls.append(name)
+            calls.keywords[name] = sorted(kwargs)
             if name in calls.passthrough:
                 return []
             raise Reached(name)
@@ -124,6 +127,7 @@ def _run_component(name: str, tmp_path: Path, calls: list) -> str:
 
 def test_dvc_stages_and_components_call_the_same_stage_functions(recorded, tmp_path):
     via_dvc = {name: _cli_stage(cmd, recorded) for name, cmd in _dvc_commands().items()}
+    dvc_fetch_keywords = recorded.keywords["fetch"]
     for name in ("fetch", "prepare", "train", "evaluate", "report"):
         assert via_dvc[name] == name, (name, via_dvc[name])
     assert via_dvc["zero-shot"] == "zero_shot"
@@ -134,6 +138,8 @@ def test_dvc_stages_and_components_call_the_same_stage_functions(recorded, tmp_p
         via_kfp[name.replace("_", "-")] = _run_component(name, tmp_path / name, recorded)
     for name, function in via_kfp.items():
         assert function == via_dvc[name], name
+    # One fetch: both hold the archives to dvc.lock's pins and can take them from the DVC remote.
+    assert dvc_fetch_keywords == recorded.keywords["fetch"] == ["dvc_lock", "dvc_remote"]
     # dvc.yaml's prepare stages run inside train, evaluate and zero-shot (observed above).
     assert set(via_dvc) - set(via_kfp) == {"prepare", "prepare-union"}
 
@@ -210,10 +216,11 @@ def test_components_are_thin_adapters(name):
     assert lines <= MAX_BODY_LINES, f"components/{name}.py: {lines} lines of body; move logic into ferflow"
     calls = {ast.unparse(n.func) for n in ast.walk(function) if isinstance(n, ast.Call)}
     stage_calls = {c for c in calls if c.startswith("stages.")}
-    # Two stages run through ferflow helpers: train through its launcher (in-process, or
-    # torchrun for several GPUs), fetch through the DVC-remote-aware download.
-    via = {"train": "distributed.launch_train", "fetch": "glue.fetch_archives"}
-    assert stage_calls == ({f"stages.{name}"} if name not in via else set()), stage_calls
+    # train runs through its launcher (in-process, or torchrun for several GPUs).
+    via = {"train": "distributed.launch_train"}
+    # fetch is the data stage a task may run before its own (train fetches its dataset).
+    own = stage_calls - {"stages.fetch"} if name != "fetch" else stage_calls
+    assert own == ({f"stages.{name}"} if name not in via else set()), stage_calls
     assert name not in via or via[name] in calls
     loops = [n for n in ast.walk(function) if isinstance(n, (ast.For, ast.While))]
     assert not loops and not calls & {"open", "shutil.copy", "shutil.copytree", "subprocess.run"}, \

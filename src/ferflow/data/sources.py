@@ -52,6 +52,7 @@ class FetchResult:
     sha256: str
     size: int
     downloaded: bool  # False when an already-verified file was reused
+    from_dvc_remote: bool = False  # the bytes came from the DVC remote by md5, not the params URI
 
 
 class _Transient(Exception):

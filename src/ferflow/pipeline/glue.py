@@ -16,7 +16,7 @@ Artifact layouts are the stage folders themselves, so a stage never knows it run
     evaluation   evaluate.out_dir   fine-tuned/<dataset>/<model>/... or zero-shot/none/<model>/...
 
 No artifact carries decoded images: a task prepares its datasets at its own model's size
-from the verified archives (`fetch_archives`, `prepare_at`), on its own disk. The uint8
+from the verified archives (`stages.fetch`, `prepare_at`), on its own disk. The uint8
 caches are ~10x the JPEG archives, so this moves the least (benchmarks/bench_pipeline.py).
 """
 
@@ -238,22 +238,6 @@ def _assemble(source: PathInput, dest: Path) -> None:
         (dest / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
 
 
-def fetch_archives(params: Params, names: Iterable[str], dvc_lock: Optional[Mapping] = None,
-                   dvc_remote: str = "") -> list[str]:
-    """Download and verify these archives into data.raw_dir: those pinned in dvc.lock from
-    the DVC remote by md5, the rest from their params URI; returns the pinned names."""
-    from ferflow import stages
-    from ferflow.data.dvc_remote import check_pins, fetch_pinned
-
-    names = list(names)
-    stages.check_names(params, names)
-    specs = [params.data.archive(n) for n in names]
-    pinned = fetch_pinned(specs, dvc_lock or {}, dvc_remote, params.data.raw_dir, params.fetch)
-    stages.fetch(params, names)
-    check_pins(specs, dvc_lock or {}, params.data.raw_dir)
-    return pinned
-
-
 def prepare_at(params: Params, datasets: Iterable[str], model: str) -> int:
     """Prepare these datasets from data.raw_dir at `model`'s input size only (what this
     task reads), with one decode process per CPU the task requested; returns the size."""
@@ -279,10 +263,10 @@ def run_dir(params: Params, dataset: str, model: str) -> Path:
 # ---------------------------------------------------------------------------- outputs
 
 
-def describe_raw(artifact, params: Params, pinned: Iterable[str]) -> None:
-    pinned = set(pinned)
+def describe_raw(artifact, fetched) -> None:
+    """What fetch put in `raw`, for the KFP UI: each archive's sha256 and where it came from."""
     artifact.metadata["archives"] = {
-        s.name: {"sha256": s.sha256, "source": "dvc-remote" if s.name in pinned else "uri"} for s in params.data.specs
+        r.name: {"sha256": r.sha256, "source": "dvc-remote" if r.from_dvc_remote else "uri"} for r in fetched
     }
 
 

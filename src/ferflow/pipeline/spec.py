@@ -133,7 +133,8 @@ class PipelineDefaults:
             matrix=matrix(train.datasets, train.models),
             experiment=params.tracking.experiment,
             registered_models=dict(params.registry.names),
-            dvc_lock=read_dvc_lock(dvc_lock if dvc_lock is None or dvc_lock.is_absolute() else repo / dvc_lock),
+            dvc_lock=read_dvc_lock(dvc_lock if dvc_lock is None or dvc_lock.is_absolute() else repo / dvc_lock,
+                                   params.data.specs),
             dvc_remote=dvc_remote if dvc_remote is not None else read_dvc_remote(repo),
         )
 
@@ -159,13 +160,22 @@ def _changed(before, after, key: str):
         yield key
 
 
-def read_dvc_lock(path: Optional[Path]) -> dict:
-    """The `fetch@*` stages of a dvc.lock; {} when there is none."""
-    from ferflow.data.dvc_remote import fetch_entries
+def read_dvc_lock(path: Optional[Path], specs=None) -> dict:
+    """The archive pins of a dvc.lock ({} when there is none); with `specs` (the archives
+    being compiled), only those that hold for them, the stale ones named in a warning."""
+    from ferflow.data.dvc_remote import fetch_entries, read_pins
 
     if path is None or not Path(path).is_file():
         return {}
-    return fetch_entries(Path(path).read_text(encoding="utf-8"))
+    entries = fetch_entries(Path(path), specs)
+    if specs is not None:
+        kept = {stage.split("@", 1)[1] for stage in entries.get("stages", {})}
+        stale = sorted(set(read_pins(Path(path))) & {s.name for s in specs} - kept)
+        if stale:
+            log.warning("%s: the pins of %s were recorded for other archives than params.yaml gives, so the "
+                        "pipeline will not pin them; run `dvc repro` and commit dvc.lock first", path,
+                        ", ".join(stale))
+    return entries
 
 
 def read_dvc_remote(repo: Path) -> str:
