@@ -72,31 +72,37 @@ def is_local_store(uri: str) -> bool:
     return scheme in ("sqlite", "file", "")
 
 
+_SQLITE = "sqlite:///"
+
+
+def _sqlite_parts(uri: str) -> Optional[tuple[Path, str]]:
+    """(database path as written, "?query" or "") of a `sqlite:///` file URI; None for
+    other stores and in-memory databases."""
+    if not uri.startswith(_SQLITE):
+        return None
+    path_part, sep, query = uri[len(_SQLITE):].partition("?")
+    return None if path_part in ("", ":memory:") else (Path(path_part), sep + query)
+
+
 def _absolute_sqlite(uri: str) -> str:
     """`sqlite:///rel/db` -> `sqlite:////abs/rel/db` with its folder created.
 
     Absolute, so that subprocesses (which inherit MLFLOW_TRACKING_URI) and a later chdir
     reach the same database.
     """
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix) or uri == prefix:
+    parts = _sqlite_parts(uri)
+    if parts is None:
         return uri
-    path_part, sep, query = uri[len(prefix):].partition("?")
-    if path_part in ("", ":memory:"):
-        return uri
-    path = Path(path_part)
-    if not path.is_absolute():
-        path = Path.cwd() / path
+    path, query = parts
+    path = path if path.is_absolute() else Path.cwd() / path
     path.parent.mkdir(parents=True, exist_ok=True)
-    return f"{prefix}{path.as_posix()}" + (sep + query if sep else "")
+    return f"{_SQLITE}{path.as_posix()}{query}"
 
 
 def _sqlite_file(uri: str) -> Optional[Path]:
     """The database file of an absolute `sqlite:////abs/db` URI; None for anything else."""
-    prefix = "sqlite:///"
-    path_part = uri[len(prefix):].partition("?")[0] if uri.startswith(prefix) else ""
-    path = Path(path_part) if path_part not in ("", ":memory:") else None
-    return path if path is not None and path.is_absolute() else None
+    parts = _sqlite_parts(uri)
+    return parts[0] if parts is not None and parts[0].is_absolute() else None
 
 
 def store_lock_path(uri: str, purpose: str) -> Optional[Path]:
