@@ -14,7 +14,7 @@ import torch
 
 from ferflow.config import FetchSettings
 from ferflow.errors import FerflowError
-from ferflow.models import checkpoints
+from ferflow.models import unpickler
 from ferflow.models.weights import load_pretrained
 
 # timeout_s bounds a request to the in-process server; generous, as no test waits for it to pass.
@@ -100,8 +100,8 @@ def test_url_downloaded_once_and_pickle_parsed_once(checkpoint, server, tmp_path
     _, state, digest = checkpoint
     base, seen = server
     parsed = []
-    original = checkpoints._unpickle_zip
-    monkeypatch.setattr(checkpoints, "_unpickle_zip", lambda path: parsed.append(path) or original(path))
+    original = unpickler.unpickle_zip
+    monkeypatch.setattr(unpickler, "unpickle_zip", lambda path: parsed.append(path) or original(path))
     url = f"{base}/m.pt?raw=true&token=s3cret"
     cache = tmp_path / "cache"
 
