@@ -56,7 +56,7 @@ def predictors(shared: Path) -> dict[str, inference.Predictor]:
 
 def engines(predictor: inference.Predictor, work: Path, names: list[str]) -> dict:
     """name -> a function of a uint8 NCHW batch; compile and export happen here, untimed."""
-    from ferflow.serving.export import OnnxPredictor, export_onnx
+    from ferflow.models.export import OnnxPredictor, export_onnx
 
     found = {"eager": predictor.probabilities}
     if "compile" in names:

@@ -28,12 +28,12 @@ from torch import nn
 from ferflow.models.weights import tensors_sha256
 from ferflow import cli, stages
 from ferflow.config import load_params
-from ferflow.data.prepare import decode_photo
+from ferflow.data.decode import decode_photo
 from ferflow.errors import FerflowError
 from ferflow.labels import CLASSES
-from ferflow.models import inference, zoo
+from ferflow.models import export, inference, zoo
 from ferflow.models.preprocess import Preprocess
-from ferflow.serving import export
+from ferflow.serving.reference import export_reference
 
 from .conftest import MLFLOW_ENV
 
@@ -160,13 +160,13 @@ def test_metadata_round_trips(ws, exported):
 def test_bad_reference_format_and_opset_are_clear_errors(ws, tmp_path, capsys):
     params = ws[2]
     with pytest.raises(FerflowError, match=r"'no-such-model' names no model"):
-        export.export(params, "no-such-model", out=tmp_path / "x.onnx")
+        export_reference(params, "no-such-model", out=tmp_path / "x.onnx")
     with pytest.raises(FerflowError, match=r"format 'tflite': expected one of onnx"):
-        export.export(params, str(ws[3]), "tflite", out=tmp_path / "x.onnx")
+        export_reference(params, str(ws[3]), "tflite", out=tmp_path / "x.onnx")
     with pytest.raises(FerflowError, match=r"opset 11: .* 18 or newer"):
-        export.export(params, str(ws[3]), out=tmp_path / "x.onnx", opset=11)
+        export_reference(params, str(ws[3]), out=tmp_path / "x.onnx", opset=11)
     with pytest.raises(FerflowError, match=r"no registered model named 'absent'"):
-        export.export(params, "models:/absent@champion", out=tmp_path / "x.onnx")
+        export_reference(params, "models:/absent@champion", out=tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
     with pytest.raises(SystemExit) as exit_:
         cli.main(["export", "--model", str(tmp_path), "--out", str(tmp_path / "y.onnx"), "--params", str(ws[1])])
@@ -243,7 +243,7 @@ def test_standin_eval_images_through_the_fer7_checkpoint(tmp_path):
     digest = (FER7 / "SHA256SUMS").read_text().split()[0]
     params = load_params(REPO / "params.yaml", [f"models.fer7_b0_112.pretrained={FER7 / 'fer7_b0_112.pt'}",
                                                 f"models.fer7_b0_112.sha256={digest}"])
-    result = export.export(params, "fer7_b0_112", out=tmp_path / "fer7.onnx")
+    result = export_reference(params, "fer7_b0_112", out=tmp_path / "fer7.onnx")
     assert result.metadata["ferflow.weights_sha256"] == digest
     assert result.metadata["ferflow.weights_sha256_of"] == "pretrained checkpoint"
     from ferflow.serving.reference import load_reference

@@ -52,7 +52,7 @@ def test_lineage_tags(demo_workspace, tmp_path, monkeypatch):
     params = load_params(demo_workspace, TRAIN_OVERRIDES + [f"models.{MODEL}.pretrained={secret_url}"])
     monkeypatch.chdir(tmp_path)  # outside any git repo, with a dvc.lock
     (tmp_path / "dvc.lock").write_text(
-        "stages:\n  fetch@LFW-FER:\n    outs:\n    - path: x.zip\n      md5: aaaabbbbccccddddaaaabbbbccccdddd\n"
+        "stages:\n  fetch@LFW-FER:\n    outs:\n    - path: data/raw/LFW-FER.zip\n      md5: aaaabbbbccccddddaaaabbbbccccdddd\n"
     )
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -1,7 +1,7 @@
 """The one inference path: how every consumer turns images into 3-class probabilities.
 
 Images arrive as uint8 NCHW batches at the input size (prepare's caches, or
-ferflow.data.prepare.decode_photo for photos). Everything after that
+ferflow.data.decode.decode_photo for photos). Everything after that
 (normalise, channels_last, forward with DAN's tuple unwrapped, softmax, the zero-shot class
 mapping) is `Predictor`, used by training validation, evaluate, zero-shot, the pyfunc,
 predict and the ONNX export's parity check.
@@ -64,7 +64,7 @@ class Predictor:
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
 
     def probabilities_of_arrays(self, arrays: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
-        """uint8 HWC images at the input size (what ferflow.data.prepare.decode_photo gives)."""
+        """uint8 HWC images at the input size (what ferflow.data.decode.decode_photo gives)."""
         return self.probabilities_of(
             torch.from_numpy(np.stack(arrays[i:i + batch_size])).permute(0, 3, 1, 2)
             for i in range(0, len(arrays), batch_size)

@@ -19,7 +19,7 @@ from torch import Tensor
 from ferflow.errors import FerflowError
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
-# prepare writes its caches with this resize (ferflow.data.prepare.decode_image).
+# prepare writes its caches with this resize (ferflow.data.decode.decode_image).
 CACHE_INTERPOLATION = "bilinear"
 
 

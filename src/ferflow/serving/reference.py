@@ -9,6 +9,9 @@
 A registered version's weights and run.json are downloaded once into the ferflow cache
 (`$FERFLOW_CACHE/registry`), keyed by the store and the version's logged model, and checked
 against the version's weights sha256 tag when it has one.
+
+`export_reference` is `ferflow export`: the model a reference names, written as ONNX by
+`ferflow.models.export` (which, below serving, knows nothing of references or the registry).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
@@ -28,6 +31,9 @@ from ferflow import layout
 from ferflow.config import Params
 from ferflow.errors import ConfigError, FerflowError
 from ferflow.models import inference
+
+if TYPE_CHECKING:
+    from ferflow.models.export import Exported
 
 REGISTRY_PREFIX = "models:/"
 REGISTRY_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
@@ -211,3 +217,55 @@ def _quiet_downloads() -> Iterator[None]:
 def _why(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def export_reference(params: Params, ref: str, fmt: str = "onnx", out: Path | None = None,
+                     opset: int | None = None) -> "Exported":
+    """`ferflow export`: resolve `ref` (models:/name@alias, models:/name/version, a run
+    directory or a zoo name) to a Predictor on CPU and export it."""
+    from ferflow.models.export import FORMATS, export_onnx
+    from ferflow.redact import redact_uri
+
+    if fmt not in FORMATS:
+        raise FerflowError(f"export format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if opset is not None and opset < 18:
+        raise FerflowError(f"--opset {opset}: torch's ONNX exporter needs opset 18 or newer")
+    predictor = load_reference(ref, params, torch.device("cpu"))
+    weights_sha256, weights_of, extra = _weights_digest(ref, predictor, params)
+    out = Path(out) if out is not None else Path(f"{_slug(ref)}.{fmt}")
+    return export_onnx(predictor, out, source=redact_uri(str(ref)), weights_sha256=weights_sha256,
+                       weights_of=weights_of, opset=opset, extra_metadata=extra)
+
+
+def _weights_digest(ref: str, predictor: inference.Predictor, params: Params) -> tuple[str | None, str, dict]:
+    """What identifies the exported weights (sha256, of what, extra metadata): a run's
+    best.safetensors, a registered version's recorded digest, a zoo model's pinned
+    checkpoint digest; else (None) a digest of the tensors."""
+    from ferflow.fileio import sha256_file
+
+    weights = Path(ref).expanduser() / layout.WEIGHTS
+    if weights.is_file():
+        return sha256_file(weights), layout.WEIGHTS, {}
+    match = REGISTRY_REF.match(ref.strip())
+    if match is not None:
+        from ferflow.tracking import service
+
+        client = service.configure(params)  # load_reference has just read this version
+        version = (client.get_model_version_by_alias(match["name"], match["alias"]) if match["alias"]
+                   else client.get_model_version(match["name"], match["version"]))
+        extra = {"ferflow.registered_version": f"{version.name}/{version.version}"}
+        if version.tags.get(WEIGHTS_TAG):
+            return version.tags[WEIGHTS_TAG], layout.WEIGHTS, extra
+        return None, "state_dict", extra
+    pinned = params.weights_for(predictor.entry.name).sha256
+    if predictor.collapse is not None and pinned:
+        return pinned, "pretrained checkpoint", {}
+    return None, "state_dict", {}
+
+
+def _slug(ref: str) -> str:
+    text = re.sub(r"^models:/", "", str(ref).rstrip("/"))
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"

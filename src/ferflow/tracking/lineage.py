@@ -19,7 +19,6 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-import yaml
 
 from ferflow import __version__, layout
 from ferflow.config import Params
@@ -73,16 +72,15 @@ def read_report(prepared_dir: Path, dataset: str) -> dict:
 
 
 def dvc_lock_md5(dataset: str, lock_path: Path = DVC_LOCK) -> Optional[str]:
-    """md5 of the `fetch@<dataset>` output in dvc.lock: the archive as DVC pinned it."""
+    """md5 of the `fetch@<dataset>` output in dvc.lock: the archive as DVC pinned it (None
+    without a readable lock; lineage is recorded, never enforced, here)."""
+    from ferflow.data.dvc_remote import read_pins
+
     try:
-        lock = yaml.safe_load(Path(lock_path).read_text(encoding="utf-8")) or {}
-        outs = lock.get("stages", {}).get(f"fetch@{dataset}", {}).get("outs") or []
-    except (OSError, yaml.YAMLError, AttributeError):
+        pin = read_pins(Path(lock_path)).get(dataset)
+    except FerflowError:
         return None
-    for out in outs:
-        if isinstance(out, dict) and out.get("md5"):
-            return str(out["md5"])
-    return None
+    return pin.md5 if pin else None
 
 
 def kfp_run_id() -> str:
@@ -164,14 +162,3 @@ def manifest_dataset(prepared_dir: Path, dataset: str, split: str) -> "PandasDat
         return from_pandas(
             rows, source=source, targets="label", name=f"{dataset}/{split}", digest=digest[:MLFLOW_DIGEST_CHARS]
         )
-
-
-def has_split(prepared_dir: Path, dataset: str, split: str) -> bool:
-    import pandas as pd
-
-    manifest = layout.prepared_dir(prepared_dir, dataset) / layout.MANIFEST
-    try:
-        splits = pd.read_parquet(manifest, columns=["split"])["split"]
-    except (OSError, ValueError):
-        return False
-    return bool((splits == split).any())

@@ -2,7 +2,7 @@
 
 What goes into it: pyfunc_model.py (MODEL_CODE) run at load time, a copy of the ferflow
 package as its code path, the weights and a redacted run.json (plus the face detector's
-weights for detector-cropped runs), model.onnx (`ferflow.serving.export`, checked against
+weights for detector-cropped runs), model.onnx (`ferflow.models.export`, checked against
 torch before anything is logged), the signature and an input example, and requirements
 pinned to this environment. The tags below (on logged models and on the versions made from
 them) name the weights and the ONNX file; `serve.engine` picks the runtime at load time.
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 LOGGED_MODEL_NAME = "model"
 WEIGHTS_TAG = "model.weights_sha256"  # sha256 of best.safetensors, on logged models and versions
-# model.onnx (ferflow.serving.export) rides in every logged model as the artifact `onnx`, at
+# model.onnx (ferflow.models.export) rides in every logged model as the artifact `onnx`, at
 # ONNX_PATH inside the model; these tags (on logged models and versions) name it, and
 # ENGINE_TAG the runtime recorded in the MLmodel's model_config (serve.engine).
 ONNX_PATH = "artifacts/model.onnx"
@@ -121,11 +121,11 @@ def _find_logged_model(client: MlflowClient, run_id: str, weights_sha256: str, e
 
 
 def _export_onnx(run_dir: Path, weights_sha256: str, run_id: str, out: Path):
-    """model.onnx of the run's model (ferflow.serving.export), on CPU."""
+    """model.onnx of the run's model (ferflow.models.export), on CPU."""
     import torch
 
     from ferflow.models.inference import load_run
-    from ferflow.serving.export import export_onnx
+    from ferflow.models.export import export_onnx
 
     try:
         return export_onnx(load_run(run_dir, torch.device("cpu")), out, source=f"runs:/{run_id}",

@@ -5,7 +5,7 @@ names the model object. Artifacts it reads (see `ferflow.tracking.packaging.log_
 
     weights   best.safetensors of a training run (3-class head)
     run_json  run.json of that run: zoo model name, input size, class order
-    onnx      model.onnx (ferflow.serving.export): run on onnxruntime when the model_config
+    onnx      model.onnx (ferflow.models.export): run on onnxruntime when the model_config
               says engine: onnx (serve.engine), with the preprocessing in its metadata
 
 Input: a pandas DataFrame with a column `image` (base64 text or raw bytes of an encoded
@@ -50,7 +50,7 @@ class FerflowImageClassifier(PythonModel):
         # serve.engine, from the MLmodel's model_config (load_model(model_config=...) overrides it).
         engine = (getattr(context, "model_config", None) or {}).get("engine", "torch")
         if engine == "onnx":
-            from ferflow.serving.export import OnnxPredictor
+            from ferflow.models.export import OnnxPredictor
 
             if "onnx" not in context.artifacts:
                 raise MlflowException("engine onnx, but the model was logged without model.onnx; re-register it")
@@ -83,7 +83,7 @@ class FerflowImageClassifier(PythonModel):
     # ---------------------------------------------------------------------------- input
 
     def _decode_all(self, frame: pd.DataFrame) -> list[np.ndarray]:
-        from ferflow.data.prepare import decode_photo
+        from ferflow.data.decode import decode_photo
 
         columns = [c for c in ("image", "path") if c in frame.columns]
         if not columns:

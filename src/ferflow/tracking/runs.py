@@ -46,14 +46,6 @@ log = logging.getLogger(__name__)
 ARTIFACTS_TRAIN = "training"
 
 
-def _is_main_process() -> bool:
-    """Only rank 0 of a torch.distributed job records anything.
-
-    The rank as ferflow.training.runtime.setup_runtime reads it; training has no public
-    helper for it to import."""
-    return os.environ.get("RANK", "0") == "0"
-
-
 class _Guard:
     """Runs MLflow calls during training; the first failure warns once and disables the rest."""
 
@@ -95,6 +87,7 @@ class MlflowTrainCallback:
         parent_run_id: Optional[str] = None,
         run_dir: Optional[Path] = None,
     ):
+        from ferflow.training.runtime import is_main_process
         from ferflow.training.trainer import recipe_hash
 
         self.params, self.dataset, self.model = params, dataset, model
@@ -102,7 +95,7 @@ class MlflowTrainCallback:
         self.run_dir = Path(run_dir or layout.run_dir(params.require_train().out_dir, dataset, model))
         self.recipe = recipe_hash(params, dataset, model)
         self.run_name = f"{dataset}/{model}"
-        self.enabled = _is_main_process()
+        self.enabled = is_main_process()  # only rank 0 of a torch.distributed job records anything
         self.run_id: Optional[str] = None
         self.resumed = False
         self._client: Optional["MlflowClient"] = None
@@ -187,7 +180,9 @@ class MlflowTrainCallback:
     def _log_start(self, client: "MlflowClient") -> None:
         from mlflow.entities import Param
 
-        from ferflow.tracking.lineage import has_split, lineage_tags
+        from ferflow.models.zoo import input_size
+        from ferflow.tracking.lineage import lineage_tags
+        from ferflow.training.trainer import validation_split_name
 
         params = flatten_params(dump_params(self.params))
         if self.resumed:  # params are immutable in MLflow: log only what the run lacks
@@ -201,8 +196,9 @@ class MlflowTrainCallback:
                 "ferflow.run_dir": str(self.run_dir), "recipe.hash": self.recipe}
         client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()], tags=run_tags(tags))
         prepared = self.params.data.prepared_dir
-        # The trainer's own fallback (trainer._validation_split), which training does not expose.
-        val = "val" if has_split(prepared, self.dataset, "val") else "eval"
+        # The split the trainer will select epochs on (val, or eval when there is none).
+        val = validation_split_name(layout.prepared_dir(prepared, self.dataset),
+                                    input_size(self.model, self.params.require_train().input_size))
         inputs = [i for i in (dataset_input(prepared, self.dataset, s) for s in ("train", val)) if i is not None]
         if inputs:
             client.log_inputs(self.run_id, datasets=inputs)

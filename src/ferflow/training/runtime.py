@@ -88,9 +88,19 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+def process_rank() -> int:
+    """This process's rank in a torch.distributed job (torchrun sets RANK); 0 when alone."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """Rank 0: the one process of a job that writes records (files, MLflow)."""
+    return process_rank() == 0
+
+
 def setup_runtime(cfg: TrainSettings, seed: int) -> Runtime:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = process_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -26,8 +26,7 @@ from torch import nn
 
 from ferflow import __version__, fileio, layout
 from ferflow.config import Params, TrainSettings, dump_params
-from ferflow.data.cache import CachedSplit
-from ferflow.errors import FerflowError
+from ferflow.data.cache import CachedSplit, split_paths
 from ferflow.labels import CLASSES, source_mapping
 from ferflow.models.preprocess import Preprocess
 from ferflow.redact import redact_tree
@@ -132,12 +131,17 @@ def _build_model(params: Params, cfg: TrainSettings, entry,
     return model, pretrained, head_init
 
 
+def validation_split_name(data_dir: Path, size: int) -> str:
+    """The split that selects the best epoch: val, or eval for a dataset prepared without a
+    val cache at `size`. Public so that MLflow records the split training really uses."""
+    return "val" if all(p.is_file() for p in split_paths(data_dir, size, "val")) else "eval"
+
+
 def _validation_split(data_dir: Path, size: int) -> CachedSplit:
-    try:
-        return CachedSplit(data_dir, "val", size)
-    except FerflowError:
+    split = validation_split_name(data_dir, size)
+    if split != "val":
         log.warning("%s has no val split; selecting the best epoch on eval (set prepare.split.val_fraction)", data_dir)
-        return CachedSplit(data_dir, "eval", size)
+    return CachedSplit(data_dir, split, size)
 
 
 def _write_train_metrics(result: TrainResult) -> None:

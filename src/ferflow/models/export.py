@@ -54,7 +54,6 @@ from ferflow.fileio import atomic_path, sha256_file
 from ferflow.models.weights import tensors_sha256
 from ferflow.models.inference import Predictor, forward
 from ferflow.models.preprocess import Preprocess
-from ferflow.serving.reference import REGISTRY_REF, WEIGHTS_TAG
 
 FORMATS = ("onnx",)
 FORMAT_VERSION = "1"
@@ -284,64 +283,10 @@ class OnnxPredictor:
         return probs.astype(np.float64)
 
     def probabilities_of_arrays(self, arrays: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
-        """uint8 HWC images at the input size (what ferflow.data.prepare.decode_photo gives)."""
+        """uint8 HWC images at the input size (what ferflow.data.decode.decode_photo gives)."""
         out = [self.probabilities(np.stack(arrays[i:i + batch_size]).transpose(0, 3, 1, 2))
                for i in range(0, len(arrays), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
-
-
-# ---------------------------------------------------------------------------- command
-
-
-def export(params, ref: str, fmt: str = "onnx", out: Optional[Path] = None, opset: Optional[int] = None) -> Exported:
-    """`ferflow export`: resolve `ref` (models:/name@alias, models:/name/version, a run
-    directory or a zoo name) to a Predictor on CPU and export it."""
-    if fmt not in FORMATS:
-        raise FerflowError(f"export format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    if opset is not None and opset < 18:
-        raise FerflowError(f"--opset {opset}: torch's ONNX exporter needs opset 18 or newer")
-    from ferflow.serving.reference import load_reference
-
-    predictor = load_reference(ref, params, torch.device("cpu"))
-    weights_sha256, weights_of, extra = _weights_digest(ref, predictor, params)
-    out = Path(out) if out is not None else Path(f"{_slug(ref)}.{fmt}")
-    return export_onnx(predictor, out, source=_redact(ref), weights_sha256=weights_sha256, weights_of=weights_of,
-                       opset=opset, extra_metadata=extra)
-
-
-def _weights_digest(ref: str, predictor: Predictor, params) -> tuple[Optional[str], str, dict]:
-    """What identifies the exported weights (sha256, of what, extra metadata): a run's
-    best.safetensors, a registered version's recorded digest, a zoo model's pinned
-    checkpoint digest; else (None) a digest of the tensors."""
-    weights = Path(ref).expanduser() / layout.WEIGHTS
-    if weights.is_file():
-        return sha256_file(weights), layout.WEIGHTS, {}
-    match = REGISTRY_REF.match(ref.strip())
-    if match is not None:
-        from ferflow.tracking import service
-
-        client = service.configure(params)  # load_reference has just read this version
-        version = (client.get_model_version_by_alias(match["name"], match["alias"]) if match["alias"]
-                   else client.get_model_version(match["name"], match["version"]))
-        extra = {"ferflow.registered_version": f"{version.name}/{version.version}"}
-        if version.tags.get(WEIGHTS_TAG):
-            return version.tags[WEIGHTS_TAG], layout.WEIGHTS, extra
-        return None, "state_dict", extra
-    pinned = params.weights_for(predictor.entry.name).sha256
-    if predictor.collapse is not None and pinned:
-        return pinned, "pretrained checkpoint", {}
-    return None, "state_dict", {}
-
-
-def _slug(ref: str) -> str:
-    text = re.sub(r"^models:/", "", str(ref).rstrip("/"))
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"
-
-
-def _redact(ref: str) -> str:
-    from ferflow.redact import redact_uri
-
-    return redact_uri(str(ref))
 
 
 def _first_line(exc: BaseException) -> str:
