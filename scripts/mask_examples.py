@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from ferflow.data.faces import FaceDetector, read_weights_container
 from ferflow.data.masks import COLOURS, STYLES, FaceGeometry, draw_masks, random_looks
-from ferflow.data.synthesize import _face_cut
+from ferflow.data.synthesize import face_cut_image
 
 REPO = Path(__file__).resolve().parents[1]
 TILE = 150
@@ -52,7 +52,7 @@ def main() -> None:
             look = random_looks(1, torch.device("cpu"), (style,), (colour if colour != "face-cut" else "plain",),
                                 torch.Generator().manual_seed(11 * r + c))
             drawn = draw_masks(image, geometry, look)[0].round().byte().permute(1, 2, 0).numpy()
-            tile = Image.fromarray(_face_cut(drawn, geometry) if colour == "face-cut" else drawn)
+            tile = Image.fromarray(face_cut_image(drawn, geometry) if colour == "face-cut" else drawn)
             tile = tile if colour == "face-cut" else tile.crop(crop)
             grid.paste(tile.resize((TILE, TILE), Image.LANCZOS), ((c + 1) * TILE, top + 20))
             if r == 0:

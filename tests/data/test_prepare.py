@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from ferflow.config import ArchiveSpec, PrepareSettings, SplitSettings
-from ferflow.data import prepare as prepare_mod
+from ferflow.data import scratch
 from ferflow.data.cache import CachedSplit
 from ferflow.data.prepare import MANIFEST_COLUMNS, prepare_dataset
 from ferflow.fileio import sha256_file
@@ -267,7 +267,7 @@ def _dead_pid() -> int:
 
 
 def test_sweep_removes_only_folders_of_dead_runs_on_this_host(tmp_path):
-    host, dead = prepare_mod._host_tag(), _dead_pid()
+    host, dead = scratch.host_tag(), _dead_pid()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         names = {
@@ -282,7 +282,7 @@ def test_sweep_removes_only_folders_of_dead_runs_on_this_host(tmp_path):
         for name in names.values():
             (tmp_path / name).mkdir()
             (tmp_path / name / "cache.npy").write_bytes(b"x")
-        prepare_mod.sweep_stale(tmp_path)
+        scratch.sweep_stale(tmp_path)
         kept = {key for key, name in names.items() if (tmp_path / name).exists()}
         assert kept == {"live", "mine", "other_host", "unowned", "dataset"}
     finally:
@@ -291,15 +291,15 @@ def test_sweep_removes_only_folders_of_dead_runs_on_this_host(tmp_path):
 
 
 def test_sweep_restores_an_output_moved_aside_by_a_killed_swap(tmp_path):
-    old = tmp_path / f".Set.old-{prepare_mod._host_tag()}-{_dead_pid()}-abcd"
+    old = tmp_path / f".Set.old-{scratch.host_tag()}-{_dead_pid()}-abcd"
     old.mkdir()
     (old / "report.json").write_text("{}")
-    prepare_mod.sweep_stale(tmp_path)
+    scratch.sweep_stale(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Set"] and (tmp_path / "Set/report.json").is_file()
 
 
 def test_prepare_sweeps_a_dead_runs_temporary_folder(tmp_path, raw):
-    stale = tmp_path / "prepared" / f".Set.tmp-{prepare_mod._host_tag()}-{_dead_pid()}-abc12345"
+    stale = tmp_path / "prepared" / f".Set.tmp-{scratch.host_tag()}-{_dead_pid()}-abc12345"
     (stale / "out").mkdir(parents=True)
     run(tmp_path, make_archive(raw / "Set.zip"))
     assert sorted(p.name for p in (tmp_path / "prepared").iterdir()) == ["Set"]

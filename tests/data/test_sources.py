@@ -16,7 +16,7 @@ from typing import Optional
 import pytest
 
 from ferflow.config import ArchiveSpec, FetchSettings
-from ferflow.data import sources
+from ferflow.data import fetchers, sources
 from ferflow.data.sources import FetchResult, fetch_all, fetch_archive, sha256_file
 from ferflow.errors import FerflowError
 
@@ -136,7 +136,7 @@ def spy_sleep(monkeypatch) -> list[float]:
         waits.append(seconds)
         time.sleep(seconds)
 
-    monkeypatch.setattr(sources, "_sleep", sleep)
+    monkeypatch.setattr(fetchers, "backoff_sleep", sleep)
     return waits
 
 
@@ -241,7 +241,7 @@ def test_server_errors_are_retried_with_bounded_attempts(http, tmp_path, monkeyp
 
 def test_backoff_doubles_and_is_capped(http, tmp_path, monkeypatch):
     delays: list[float] = []
-    monkeypatch.setattr(sources, "_sleep", delays.append)
+    monkeypatch.setattr(fetchers, "backoff_sleep", delays.append)
     http.behaviour.status = 429
     settings = FetchSettings(retries=4, backoff_s=1.0, max_backoff_s=3.0, timeout_s=5, progress=False)
     with pytest.raises(FerflowError, match="after 5 attempts"):
@@ -322,7 +322,7 @@ DRIVE_ID = "1AbCdEfGhIjKlMnOpQrStUvWxYz012345"
 )
 def test_gdrive_through_gdown(http, tmp_path, monkeypatch, uri):
     http.behaviour.drive_id = DRIVE_ID
-    monkeypatch.setattr(sources, "GDRIVE_DOWNLOAD_URL", http.url("/uc"))
+    monkeypatch.setattr(fetchers, "GDRIVE_DOWNLOAD_URL", http.url("/uc"))
     result = fetch_archive(spec(uri), tmp_path, FAST)
     assert result.downloaded and (tmp_path / "a.zip").read_bytes() == PAYLOAD
     assert [r["query"] for r in http.seen] == [f"id={DRIVE_ID}"]
@@ -331,7 +331,7 @@ def test_gdrive_through_gdown(http, tmp_path, monkeypatch, uri):
 
 def test_gdrive_failure_names_the_id(http, tmp_path, monkeypatch):
     http.behaviour.drive_id = "some-other-file"
-    monkeypatch.setattr(sources, "GDRIVE_DOWNLOAD_URL", http.url("/uc"))
+    monkeypatch.setattr(fetchers, "GDRIVE_DOWNLOAD_URL", http.url("/uc"))
     with pytest.raises(FerflowError, match=f"file id {DRIVE_ID} failed"):
         fetch_archive(spec(f"gdrive://{DRIVE_ID}"), tmp_path, FAST)
     assert leftovers(tmp_path) == []

@@ -15,7 +15,7 @@ from PIL import Image
 from ferflow import stages
 from ferflow.config import Params, load_params
 from ferflow.data.cache import CachedSplit
-from ferflow.data.prepare import _host_tag
+from ferflow.data.scratch import host_tag
 from ferflow.fileio import sha256_file
 from ferflow.errors import ConfigError
 
@@ -148,6 +148,6 @@ def test_union_sweeps_the_leftovers_of_a_killed_union(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     for kind in ("members", "tmp"):  # what a union killed with SIGKILL leaves
-        (tmp_path / "prepared" / f".AB.{kind}-{_host_tag()}-{dead.pid}-abc12345" / "x").mkdir(parents=True)
+        (tmp_path / "prepared" / f".AB.{kind}-{host_tag()}-{dead.pid}-abc12345" / "x").mkdir(parents=True)
     stages.prepare(params, ["AB"])
     assert sorted(p.name for p in (tmp_path / "prepared").iterdir()) == ["AB"]

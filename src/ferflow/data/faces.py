@@ -41,58 +41,70 @@ NETS = ("pnet", "rnet", "onet")
 # ---------------------------------------------------------------------------- networks
 
 
-class _PNet(nn.Module):
-    """Proposal net: fully convolutional, 12x12 windows at stride 2 over each pyramid level."""
+class _Net(nn.Module):
+    """The convolutional trunk the three nets share: conv<i> -> prelu<i> (the names of the
+    facenet-pytorch state_dicts), then a ceil-mode max-pool where a layer has one."""
+
+    # Per conv layer: (out channels, kernel, max-pool (kernel, stride) or None).
+    LAYERS: tuple[tuple[int, int, Optional[tuple[int, int]]], ...] = ()
 
     def __init__(self):
         super().__init__()
-        self.conv1, self.prelu1 = nn.Conv2d(3, 10, 3), nn.PReLU(10)
-        self.conv2, self.prelu2 = nn.Conv2d(10, 16, 3), nn.PReLU(16)
-        self.conv3, self.prelu3 = nn.Conv2d(16, 32, 3), nn.PReLU(32)
+        channels = 3
+        for i, (out, kernel, _) in enumerate(self.LAYERS, start=1):
+            setattr(self, f"conv{i}", nn.Conv2d(channels, out, kernel))
+            setattr(self, f"prelu{i}", nn.PReLU(out))
+            channels = out
+
+    def trunk(self, x: Tensor) -> Tensor:
+        for i, (_, _, pool) in enumerate(self.LAYERS, start=1):
+            x = getattr(self, f"prelu{i}")(getattr(self, f"conv{i}")(x))
+            if pool is not None:
+                x = F.max_pool2d(x, *pool, ceil_mode=True)
+        return x
+
+
+class _PNet(_Net):
+    """Proposal net: fully convolutional, 12x12 windows at stride 2 over each pyramid level."""
+
+    LAYERS = ((10, 3, (2, 2)), (16, 3, None), (32, 3, None))
+
+    def __init__(self):
+        super().__init__()
         self.conv4_1, self.conv4_2 = nn.Conv2d(32, 2, 1), nn.Conv2d(32, 4, 1)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x = F.max_pool2d(self.prelu1(self.conv1(x)), 2, 2, ceil_mode=True)
-        x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
+        x = self.trunk(x)
         return torch.softmax(self.conv4_1(x), dim=1)[:, 1], self.conv4_2(x)
 
 
-class _RNet(nn.Module):
+class _RNet(_Net):
     """Refinement net on 24x24 crops of the proposals."""
+
+    LAYERS = ((28, 3, (3, 2)), (48, 3, (3, 2)), (64, 2, None))
 
     def __init__(self):
         super().__init__()
-        self.conv1, self.prelu1 = nn.Conv2d(3, 28, 3), nn.PReLU(28)
-        self.conv2, self.prelu2 = nn.Conv2d(28, 48, 3), nn.PReLU(48)
-        self.conv3, self.prelu3 = nn.Conv2d(48, 64, 2), nn.PReLU(64)
         self.dense4, self.prelu4 = nn.Linear(576, 128), nn.PReLU(128)
         self.dense5_1, self.dense5_2 = nn.Linear(128, 2), nn.Linear(128, 4)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x = F.max_pool2d(self.prelu1(self.conv1(x)), 3, 2, ceil_mode=True)
-        x = F.max_pool2d(self.prelu2(self.conv2(x)), 3, 2, ceil_mode=True)
-        x = self.prelu3(self.conv3(x))
-        x = self.prelu4(self.dense4(_flatten_transposed(x)))
+        x = self.prelu4(self.dense4(_flatten_transposed(self.trunk(x))))
         return torch.softmax(self.dense5_1(x), dim=1)[:, 1], self.dense5_2(x)
 
 
-class _ONet(nn.Module):
+class _ONet(_Net):
     """Output net on 48x48 crops: final score, box and five landmarks."""
+
+    LAYERS = ((32, 3, (3, 2)), (64, 3, (3, 2)), (64, 3, (2, 2)), (128, 2, None))
 
     def __init__(self):
         super().__init__()
-        self.conv1, self.prelu1 = nn.Conv2d(3, 32, 3), nn.PReLU(32)
-        self.conv2, self.prelu2 = nn.Conv2d(32, 64, 3), nn.PReLU(64)
-        self.conv3, self.prelu3 = nn.Conv2d(64, 64, 3), nn.PReLU(64)
-        self.conv4, self.prelu4 = nn.Conv2d(64, 128, 2), nn.PReLU(128)
         self.dense5, self.prelu5 = nn.Linear(1152, 256), nn.PReLU(256)
         self.dense6_1, self.dense6_2, self.dense6_3 = nn.Linear(256, 2), nn.Linear(256, 4), nn.Linear(256, 10)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x = F.max_pool2d(self.prelu1(self.conv1(x)), 3, 2, ceil_mode=True)
-        x = F.max_pool2d(self.prelu2(self.conv2(x)), 3, 2, ceil_mode=True)
-        x = F.max_pool2d(self.prelu3(self.conv3(x)), 2, 2, ceil_mode=True)
-        x = self.prelu5(self.dense5(_flatten_transposed(self.prelu4(self.conv4(x)))))
+        x = self.prelu5(self.dense5(_flatten_transposed(self.trunk(x))))
         return torch.softmax(self.dense6_1(x), dim=1)[:, 1], self.dense6_2(x), self.dense6_3(x)
 
 

@@ -89,7 +89,7 @@ def synthesize_masks(
                 masked_zip.writestr(member, _encode(drawn, entry.path))
                 if tmp_cut is not None:
                     cut_zip.writestr(member.replace(f"{name}/", f"{name}-face-cut/", 1),
-                                     _encode(_face_cut(drawn, geometry), entry.path))
+                                     _encode(face_cut_image(drawn, geometry), entry.path))
         if not result.n_images:
             raise FerflowError(f"{archive}: no image could be decoded; nothing written")
     return result
@@ -133,7 +133,7 @@ def _draw_one(rgb: np.ndarray, detector: Optional[FaceDetector], face_box, style
     return drawn, geometry, how
 
 
-def _face_cut(image: np.ndarray, geometry: FaceGeometry) -> np.ndarray:
+def face_cut_image(image: np.ndarray, geometry: FaceGeometry) -> np.ndarray:
     """The face region (a square around eyes and mouth, 2.6 eye distances wide) resized back
     to the image size, as in the M-LFW-FER-face-cut archive."""
     h, w = image.shape[:2]

@@ -28,7 +28,8 @@ from ferflow.config import ArchiveSpec, FetchSettings, PrepareSettings
 from ferflow.data import cache as cache_files
 from ferflow.data.layout import ImageEntry, assign_splits, check_group_leaks
 from ferflow.data.prepare import (MANIFEST_COLUMNS, PrepareResult, check_duplicates, manifest_digest, prepare_dataset,
-                                  publish, scratch_dir, sweep_stale)
+                                  publish)
+from ferflow.data.scratch import scratch_dir, sweep_stale
 from ferflow.labels import CLASSES, SPLITS
 
 

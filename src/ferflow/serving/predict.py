@@ -25,7 +25,7 @@ import numpy as np
 
 from ferflow import config
 from ferflow.config import Params
-from ferflow.data.prepare import decode_photo
+from ferflow.data.decode import decode_photo
 from ferflow.errors import ConfigError, FerflowError
 
 # What PIL reads without plugins; a folder's other files are not images to predict on.
