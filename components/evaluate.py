@@ -24,11 +24,11 @@ def evaluate(
     `gallery` (Markdown) that matrix and the most confident mistakes as pictures."""
     from ferflow import stages
     from ferflow.evaluation.evaluate import eval_datasets_for
-    from ferflow.pipeline import glue
+    from ferflow.pipeline import artifacts, glue
 
     with glue.workspace(config.path, inputs={"raw": raw.path, "models": model.path},
                         outputs={"evaluation": evaluation.path}) as params:
         glue.prepare_at(params, eval_datasets_for(params, dataset), model_name)
         summary = stages.evaluate(params, dataset, model_name)
-        glue.log_evaluation(metrics, confusion, params, dataset, model_name, summary)
-        glue.publish_gallery(gallery, params, dataset, model_name, summary)
+        artifacts.log_evaluation(metrics, confusion, params, dataset, model_name, summary)
+        artifacts.publish_gallery(gallery, params, dataset, model_name, summary)

@@ -26,7 +26,7 @@ def fetch(
     remote by md5 and are held to the pin. Cached: the inputs pin each archive by sha256,
     so a verified download is the same content."""
     from ferflow import stages
-    from ferflow.pipeline import glue
+    from ferflow.pipeline import artifacts, glue
 
     resolved = glue.resolve_config(
         base_params, archives=archives, datasets=datasets, models=models, pairs=matrix,
@@ -34,4 +34,4 @@ def fetch(
     )
     glue.publish_config(config, resolved)
     with glue.workspace(config.path, dvc_lock=dvc_lock, outputs={"raw": raw.path}) as params:
-        glue.describe_raw(raw, stages.fetch(params, dvc_lock=dvc_lock, dvc_remote=dvc_remote))
+        artifacts.describe_raw(raw, stages.fetch(params, dvc_lock=dvc_lock, dvc_remote=dvc_remote))

@@ -14,9 +14,9 @@ def promote(config: Input[Artifact], registered: Input[List[Model]]) -> str:
     promote the best challenger of its registered model if it beats the champion. Returns
     the decisions (promoted, refused or skipped, and why) as a JSON list."""
     from ferflow import stages
-    from ferflow.pipeline import glue
+    from ferflow.pipeline import artifacts, glue
 
     with glue.workspace(config.path) as params:
         # `registered` orders this task after every registration; the loop covered all datasets.
         decisions = [stages.promote(params, dataset) for dataset in params.require_train().datasets]
-    return glue.describe_decisions(decisions)
+    return artifacts.describe_decisions(decisions)

@@ -22,10 +22,10 @@ def register(
     (in `registered`'s metadata) the version's `models:/<name>/<version>` URI. Never cached,
     so the run id (an input here only) tags every version with the run that registered it."""
     from ferflow import stages
-    from ferflow.pipeline import glue
+    from ferflow.pipeline import artifacts, glue
 
     inputs = {"prepared": reports.path, "models": model.path, "evaluation": evaluation.path}
     with glue.workspace(config.path, run_id=run_id, dvc_lock=dvc_lock, inputs=inputs) as params:
         version = stages.register(params, dataset, model_name)
-        glue.publish_registered(registered, glue.run_dir(params, dataset, model_name), version)
+        artifacts.publish_registered(registered, glue.run_dir(params, dataset, model_name), version)
     return registered.metadata["mlflow_model_uri"]

@@ -19,8 +19,8 @@ def report(
     """Every evaluation of the run and the zero-shot rows, gathered: the Markdown table
     (shown in the KFP UI) and the long CSV."""
     from ferflow import stages
-    from ferflow.pipeline import glue
+    from ferflow.pipeline import artifacts, glue
 
     with glue.workspace(config.path, inputs={"evaluation": [e.path for e in [*zero_shots, *evaluations]]}) as params:
         _results, paths = stages.report(params)
-        glue.publish_report(results, table, paths)
+        artifacts.publish_report(results, table, paths)

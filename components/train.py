@@ -24,12 +24,12 @@ def train(
     from pathlib import Path
 
     from ferflow import stages
-    from ferflow.pipeline import distributed, glue
+    from ferflow.pipeline import artifacts, distributed, glue
 
     with glue.workspace(config.path, dvc_lock=dvc_lock, outputs={"models": model.path}) as params:
         stages.fetch(params, params.data.members(dataset), dvc_lock=dvc_lock, dvc_remote=dvc_remote)
         glue.prepare_at(params, [dataset], model_name)
         result = distributed.launch_train(params, Path(glue.PARAMS_FILE).resolve(), dataset, model_name, gpus)
-        glue.publish_model(model, result.run_dir)
-        glue.publish_reports(reports, params, [dataset])
-    glue.log_metrics(metrics, result.best_metrics)
+        artifacts.publish_model(model, result.run_dir)
+        artifacts.publish_reports(reports, params, [dataset])
+    artifacts.log_metrics(metrics, result.best_metrics)

@@ -13,9 +13,9 @@ def zero_shot(config: Input[Artifact], model_name: str, raw: Input[Dataset], eva
     model's size, into `evaluation` (evaluate.out_dir/zero-shot layout) and `metrics`."""
     from ferflow import stages
     from ferflow.evaluation.evaluate import eval_datasets_for
-    from ferflow.pipeline import glue
+    from ferflow.pipeline import artifacts, glue
 
     with glue.workspace(config.path, inputs={"raw": raw.path}, outputs={"evaluation": evaluation.path}) as params:
         glue.prepare_at(params, eval_datasets_for(params), model_name)
         summary = stages.zero_shot(params, model_name)
-    glue.log_cross_dataset(metrics, summary)
+    artifacts.log_cross_dataset(metrics, summary)

@@ -25,7 +25,7 @@ from ferflow.evaluation.gallery import (
 )
 from ferflow.evaluation.metrics import write_evaluation
 from ferflow.labels import CLASSES
-from ferflow.pipeline import glue
+from ferflow.pipeline.artifacts import EMBED_MAX_BYTES, gallery_markdown
 
 from tracking.conftest import mlflow_isolation  # noqa: F401 - MLflow env/state reset after each test
 from training.conftest import REPO, TRAIN_OVERRIDES, demo_workspace  # noqa: F401 - the prepared demo data
@@ -142,7 +142,7 @@ def test_gallery_markdown_without_mlflow(tmp_path):
         write_error_gallery(cell / eval_ds / "errors.png", faces, y, probs, CLASSES)
     params = load_params(REPO / "params.yaml", [f"evaluate.out_dir={tmp_path / 'evaluation'}",
                                                 f"train.out_dir={tmp_path / 'models'}", "tracking.enabled=false"])
-    md = glue.gallery_markdown(params, DS, MODEL, summary)
+    md = gallery_markdown(params, DS, MODEL, summary)
     images = _data_uris(md)
     assert images == [(cell / DS / "confusion.png").read_bytes(), (cell / DS / "errors.png").read_bytes()]
     assert "accuracy 50.00 %" in md and f"fine-tuned/{DS}/{MODEL}/M-LFW-FER/errors.png" in md
@@ -178,11 +178,11 @@ def test_evaluate_writes_galleries_logged_to_mlflow_and_shown_in_kfp(demo_worksp
     artifacts = tmp_path / "mlruns/artifacts" / ref["run_id"] / "artifacts" / "evaluation" / DS
     assert (artifacts / "errors.png").read_bytes() == (cell / DS / "errors.png").read_bytes()
 
-    md = glue.gallery_markdown(params, DS, MODEL, summary)
+    md = gallery_markdown(params, DS, MODEL, summary)
     assert _data_uris(md) == [(cell / DS / "confusion.png").read_bytes(), (cell / DS / "errors.png").read_bytes()]
     assert ref["run_id"] in md and f"`{DS}/{MODEL}`" in md and "experiment `gallery`" in md
     assert all(f"fine-tuned/{DS}/{MODEL}/{eval_ds}/errors.png" in md for eval_ds in summary)
-    assert len(md) < 2 * glue.EMBED_MAX_BYTES
+    assert len(md) < 2 * EMBED_MAX_BYTES
 
 
 def test_report_points_to_each_evaluations_gallery(tmp_path):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from ferflow import stages
 from ferflow.config import dump_params, load_params
 from ferflow.errors import ConfigError, FerflowError
-from ferflow.pipeline import distributed
+from ferflow.pipeline import S3_KEYS, distributed, trainjob
 from ferflow.training.trainer import TrainResult
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,8 +91,8 @@ def test_two_ranks_under_torchrun_equal_one_process_at_the_same_global_batch(tin
     assert isinstance(ddp, TrainResult)
     # What the files give back is what trainer.train returned in-process.
     assert distributed.read_result(single.run_dir) == single
-    assert distributed._resume_epoch(one, "LFW-FER", "demo_tiny", single.run_dir) == 2  # last.pt, same recipe
-    assert distributed._resume_epoch(two, "LFW-FER", "demo_tiny", single.run_dir) == 0  # another recipe
+    assert distributed.resume_epoch(one, "LFW-FER", "demo_tiny", single.run_dir) == 2  # last.pt, same recipe
+    assert distributed.resume_epoch(two, "LFW-FER", "demo_tiny", single.run_dir) == 0  # another recipe
     assert ddp.run_dir == tmp_path / "two/models/LFW-FER/demo_tiny"
     info = json.loads((ddp.run_dir / "run.json").read_text())
     assert info["world_size"] == 2 and single.run_dir.joinpath("run.json").is_file()
@@ -163,7 +163,7 @@ def build(params, **changes):
     options = dict(image="registry.example/ferflow:0.1.0", dataset="LFW-FER", model="enet_b0_7", num_nodes=3,
                    gpus_per_node=4, cpu="16", memory="64Gi")
     options.update(changes)
-    return distributed.trainjob_documents(params, **options)
+    return trainjob.trainjob_documents(params, **options)
 
 
 def test_trainjob_validates_with_the_sdk_and_says_what_it_should(repo_params, monkeypatch):
@@ -191,10 +191,10 @@ def test_trainjob_validates_with_the_sdk_and_says_what_it_should(repo_params, mo
     refs = {name: e["valueFrom"]["secretKeyRef"] for name, e in env.items() if "valueFrom" in e}
     assert refs["MLFLOW_TRACKING_URI"] == {"name": "ferflow-mlflow", "key": "MLFLOW_TRACKING_URI", "optional": False}
     assert refs["MLFLOW_TRACKING_PASSWORD"]["name"] == "ferflow-mlflow" and refs["MLFLOW_TRACKING_PASSWORD"]["optional"]
-    assert {refs[k]["name"] for k in distributed.S3_KEYS} == {"ferflow-s3"}
+    assert {refs[k]["name"] for k in S3_KEYS} == {"ferflow-s3"}
     assert all("value" not in env[name] for name in refs)
     assert env["OMP_NUM_THREADS"]["value"] == "4" and env["FERFLOW_CPUS"]["value"] == "16"  # 16 CPUs / 4 ranks
-    text = distributed.dump_documents([configmap, job])
+    text = trainjob.dump_documents([configmap, job])
     assert not any(value in text for value in SECRET_VALUES.values())
     # The params ConfigMap, mounted where the script reads it.
     assert configmap["kind"] == "ConfigMap" and configmap["metadata"]["name"] == "ferflow-lfw-fer-enet-b0-7-params"

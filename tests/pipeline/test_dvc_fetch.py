@@ -131,15 +131,34 @@ def test_object_addresses():
         dvc_remote.object_uri("", pins["a"])
 
 
-def test_a_remote_url_with_credentials_is_not_embedded(tmp_path):
+def _dvc_config(repo: Path, url: str) -> None:
+    """A checkout's .dvc/config whose default remote `web` has this URL."""
+    (repo / ".dvc").mkdir()
+    (repo / ".dvc/config").write_text(f"[core]\n    remote = web\n['remote \"web\"']\n    url = {url}\n")
+
+
+@pytest.mark.parametrize("url", [
+    "https://user:hunter2@dvc.example/store",
+    "https://dvc.example/store?token=hunter2",
+    "https://dvc.example/store?X-Amz-Signature=hunter2&X-Amz-SignedHeaders=host",
+])
+def test_a_remote_url_with_credentials_is_not_embedded(tmp_path, url):
+    """Whatever the redaction policy would mask is refused: userinfo and secret query values."""
     from ferflow.pipeline.spec import read_dvc_remote
 
-    (tmp_path / ".dvc").mkdir()
-    (tmp_path / ".dvc/config").write_text("[core]\n    remote = web\n['remote \"web\"']\n"
-                                          "    url = https://user:hunter2@dvc.example/store\n")
+    _dvc_config(tmp_path, url)
     with pytest.raises(FerflowError, match="credentials") as caught:
         read_dvc_remote(tmp_path)
-    assert "hunter2" not in str(caught.value)
+    message = str(caught.value)
+    assert "hunter2" not in message and ".dvc/config" in message and "'web'" in message
+
+
+def test_a_remote_url_without_credentials_is_embedded(tmp_path):
+    from ferflow.pipeline.spec import read_dvc_remote
+
+    url = "https://dvc.example/store?versionId=3&X-Amz-SignedHeaders=host"  # names the policy keeps
+    _dvc_config(tmp_path, url)
+    assert read_dvc_remote(tmp_path) == url
 
 
 # ---------------------------------------------------------------- the CLI's fetch: the same pins

@@ -224,7 +224,7 @@ def test_components_are_thin_adapters(name):
     assert name not in via or via[name] in calls
     loops = [n for n in ast.walk(function) if isinstance(n, (ast.For, ast.While))]
     assert not loops and not calls & {"open", "shutil.copy", "shutil.copytree", "subprocess.run"}, \
-        "loops and file handling belong in ferflow.pipeline.glue"
+        "loops and file handling belong in ferflow.pipeline (glue, artifacts)"
     imports = {a.name if isinstance(n, ast.Import) else n.module for n in ast.walk(function)
                if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
     assert imports <= {"ferflow", "ferflow.pipeline", "ferflow.evaluation.evaluate", "json", "pathlib"}, imports

@@ -409,16 +409,16 @@ def test_an_existing_version_is_the_same_by_hash_or_by_spec():
     is compared by the spec the API returns for it (wrapped when the YAML has a platform doc)."""
     from types import SimpleNamespace
 
-    from ferflow.pipeline.submit import _same_content
+    from ferflow.pipeline.submit import same_content
 
     docs = [{"pipelineInfo": {"name": "ferflow"}, "sdkVersion": "kfp-2.17.3"}, {"platforms": {"kubernetes": {}}}]
-    assert _same_content(SimpleNamespace(description="ferflow commit c; sha256 abc", pipeline_spec=None), "abc", docs)
+    assert same_content(SimpleNamespace(description="ferflow commit c; sha256 abc", pipeline_spec=None), "abc", docs)
     wrapped = {"pipeline_spec": docs[0], "platform_spec": docs[1]}
-    assert _same_content(SimpleNamespace(description="by hand", pipeline_spec=wrapped), "abc", docs)
-    assert not _same_content(SimpleNamespace(description="by hand", pipeline_spec=docs[0]), "abc", docs)
-    assert _same_content(SimpleNamespace(description=None, pipeline_spec=docs[0]), "abc", docs[:1])
+    assert same_content(SimpleNamespace(description="by hand", pipeline_spec=wrapped), "abc", docs)
+    assert not same_content(SimpleNamespace(description="by hand", pipeline_spec=docs[0]), "abc", docs)
+    assert same_content(SimpleNamespace(description=None, pipeline_spec=docs[0]), "abc", docs[:1])
     other = {"pipeline_spec": {**docs[0], "sdkVersion": "kfp-2.0.0"}, "platform_spec": docs[1]}
-    assert not _same_content(SimpleNamespace(description="", pipeline_spec=other), "abc", docs)
+    assert not same_content(SimpleNamespace(description="", pipeline_spec=other), "abc", docs)
 
 
 def test_package_is_versioned_by_its_content(kfp_server, stub_checkout, tmp_path):

@@ -1,9 +1,12 @@
 """Kubeflow Pipelines support: the glue between KFP artifacts and the stage paths (`glue`),
-compiling the pipeline (`spec`), submitting runs (`submit`) and their CLI (`cli`).
+what a task publishes (`artifacts`), training on several GPUs (`distributed`: torchrun
+on one machine; `trainjob`: a Kubeflow Trainer TrainJob across nodes), task sizing
+(`sizing`), compiling the pipeline (`spec`), submitting runs (`submit`) and their CLI (`cli`).
 
 The components themselves live in the repository's `components/`, one file each; inside
-the image they import only `glue` and `ferflow.stages`, so there is one implementation of
-every stage. Nothing in this package imports `components/` at module level.
+the image each calls its `ferflow.stages` function with the help of `glue`, `artifacts`
+and `distributed` only, so there is one implementation of every stage. Nothing in this
+package imports `components/` at module level.
 """
 
 from __future__ import annotations

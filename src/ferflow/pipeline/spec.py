@@ -19,14 +19,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
-from urllib.parse import urlsplit
 
 import yaml
 
 from ferflow.config import load_params, read_yaml
 from ferflow.errors import FerflowError
 from ferflow.fileio import atomic_path
-from ferflow.redact import redact_tree
+from ferflow.redact import redact_tree, redact_uri
 from ferflow.pipeline import configured_image
 from ferflow.pipeline.glue import matrix
 
@@ -195,7 +194,8 @@ def read_dvc_remote(repo: Path) -> str:
         raise FerflowError(f"{path}: not a DVC config ({exc})") from None
     name = (config.get("core") or {}).get("remote", "")
     url = str((config.get(f'remote "{name}"') or {}).get("url", "")) if name else ""
-    if urlsplit(url).password or urlsplit(url).username:
+    # A credential is whatever ferflow.redact masks: userinfo, token/signature/key query values.
+    if redact_uri(url) != url:
         raise FerflowError(f"{path}: the URL of remote {name!r} holds credentials, which must not reach the "
                            "compiled pipeline; remove them or pass --dvc-remote")
     return url

@@ -8,7 +8,7 @@ strings as `overrides`; the fetch task resolves the same document again from tho
 What is submitted is a pipeline *version*, so the cluster keeps every pipeline that ran:
 the pipeline (`--pipeline-name`) is uploaded on first use, then one version per commit of
 the checkout (`git_version`), or per content hash of a `--package` file. A version whose
-name exists is reused when its content is the same (`_same_content`), so resubmitting a
+name exists is reused when its content is the same (`same_content`), so resubmitting a
 commit uploads nothing; a commit compiled with other options gets `<name>-<content hash>`.
 The run, or with a cron schedule a recurring run, starts from that version in the
 experiment (created when missing).
@@ -162,7 +162,7 @@ def _package_image(docs: list) -> str:
     return str(parameters.get("image", {}).get("defaultValue", ""))
 
 
-def _same_content(version, digest: str, docs: list) -> bool:
+def same_content(version, digest: str, docs: list) -> bool:
     """Whether an existing version holds this package: the content hash our description
     records, else the spec the API returns (a multi-document package comes back as
     {pipeline_spec, platform_spec}, see the API server's YamlStringToPipelineSpecStruct)."""
@@ -340,7 +340,7 @@ def _version(client, host: str, upload: _Upload, pipeline_id: str, pipeline_name
             if found is None:
                 raise FerflowError(f"Kubeflow Pipelines at {host}: version {candidate!r} of pipeline "
                                    f"{pipeline_name!r} exists (HTTP 409) but is not listed")
-        if _same_content(found, digest, upload.docs):
+        if same_content(found, digest, upload.docs):
             return found, True
     raise FerflowError(f"Kubeflow Pipelines at {host}: pipeline {pipeline_name!r} already has versions "
                        f"{' and '.join(map(repr, candidates))} with other content; pass another --pipeline-name")
