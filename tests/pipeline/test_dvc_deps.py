@@ -234,9 +234,10 @@ def _rel(pkg: Package, module: str) -> str:
 
 
 def _cli_calls() -> dict:
-    """`ferflow` command -> the `stages.<fn>` names its function in cli.py uses."""
+    """`ferflow` command -> the `stages.<fn>` names its function in the cli package uses."""
     calls = {}
-    for fn in ast.parse((SRC / "ferflow" / "cli.py").read_text()).body:
+    modules = sorted((SRC / "ferflow" / "cli").glob("*.py"))
+    for fn in (node for path in modules for node in ast.parse(path.read_text()).body):
         for dec in getattr(fn, "decorator_list", []):
             if isinstance(dec, ast.Call) and _dotted(dec.func) == ["app", "command"]:
                 name = dec.args[0].value if dec.args else fn.name.replace("_", "-")

@@ -13,23 +13,21 @@ from typing import Annotated, Any, Callable, Optional, Union
 import typer
 from rich.console import Console
 
+from ferflow.commandline import params_option, set_option, typer_app
 from ferflow.errors import FerflowError
 from ferflow.pipeline import IMAGE_ENV, IMAGE_REPOSITORY
 from ferflow.pipeline.spec import DEFAULT_OUT, CompileOptions, PipelineDefaults, compile_pipeline, parse_node_selector
 from ferflow.pipeline.submit import DEFAULT_PIPELINE, MAX_CONCURRENCY, cron_problem
 from ferflow.pipeline.submit import submit as submit_run
 
-pipeline_app = typer.Typer(
-    name="pipeline",
-    help="Kubeflow Pipelines: compile the pipeline to YAML, submit runs.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+pipeline_app = typer_app("pipeline", "Kubeflow Pipelines: compile the pipeline to YAML, submit runs.")
 out = Console()
 err = Console(stderr=True)
 
-ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file: the run's base params")]
+ParamsOpt = params_option("params file: the run's base params")
+RunSetOpt = set_option("override a params key for this run (repeatable)")
+JobParamsOpt = params_option("params file, put in the job's ConfigMap")
+JobSetOpt = set_option("override a params key (repeatable)")
 RepoOpt = Annotated[Path, typer.Option("--repo", help="the ferflow checkout holding pipelines/ and components/")]
 
 
@@ -197,9 +195,7 @@ def submit(
     ] = None,
     run_name: Annotated[Optional[str], typer.Option(help="display name of the run")] = None,
     params: ParamsOpt = Path("params.yaml"),
-    set_: Annotated[
-        Optional[list[str]], typer.Option("--set", "-s", help="override a params key for this run (repeatable)")
-    ] = None,
+    set_: RunSetOpt = None,
     token_env: Annotated[
         Optional[str],
         typer.Option(help="environment variable holding the API token", show_default="KFP_EXISTING_TOKEN"),
@@ -266,10 +262,8 @@ def trainjob(
     gpus_per_node: Annotated[int, typer.Option("--gpus-per-node", help="GPUs, and so ranks, per node (0: CPU)")] = 1,
     image: Annotated[Optional[str], typer.Option("--image", help="container image [default: $FERFLOW_IMAGE, else "
                                                  "this checkout's (`ferflow pipeline image-tag`)]")] = None,
-    params: Annotated[Path, typer.Option("--params", "-p", help="params file, put in the job's ConfigMap")]
-    = Path("params.yaml"),
-    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override a params key (repeatable)")]
-    = None,
+    params: JobParamsOpt = Path("params.yaml"),
+    set_: JobSetOpt = None,
     out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="YAML to write [default: stdout]")] = None,
     name: Annotated[Optional[str], typer.Option(help="TrainJob name [default: ferflow-DATASET-MODEL]")] = None,
     namespace: Annotated[Optional[str], typer.Option(help="namespace [default: kubectl's]")] = None,
@@ -285,7 +279,7 @@ def trainjob(
     """Write a Kubeflow Trainer TrainJob (plus its params ConfigMap) that trains on several nodes."""
     from ferflow.config import load_params
     from ferflow.pipeline import configured_image
-    from ferflow.pipeline.distributed import dump_documents, trainjob_documents
+    from ferflow.pipeline.trainjob import dump_documents, trainjob_documents
 
     cfg = load_params(params, set_ or [])  # a bad params file fails here, not in a pod
     documents = trainjob_documents(

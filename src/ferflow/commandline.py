@@ -1,0 +1,120 @@
+"""What every ferflow Typer app shares: the app settings, the --params/--set/--verbose
+options, loading params with them, and the console entry point's error handling.
+
+Used by the `ferflow` CLI (ferflow.cli) and its sub-apps (`ferflow pipeline`, `ferflow
+serve`); it imports typer and rich only, so a sub-app stays quick to start.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from ferflow.errors import FerflowError
+from ferflow.redact import install_log_filter, redact_text
+
+if TYPE_CHECKING:
+    from ferflow.config import Params
+
+DEFAULT_PARAMS = Path("params.yaml")
+PARAMS_HELP = "params file (YAML)"
+SET_HELP = "override a key: --set fetch.retries=2 (repeatable)"
+
+out = Console()
+err = Console(stderr=True)
+_state = {"verbose": False}  # --verbose, before or after the command: main() then prints tracebacks
+
+
+def typer_app(name: str, help: str) -> typer.Typer:
+    """A ferflow (sub-)app: help when called bare, no shell-completion options, and
+    exceptions left to run_app (Typer's pretty tracebacks would bypass redaction)."""
+    return typer.Typer(name=name, help=help, no_args_is_help=True, add_completion=False,
+                       pretty_exceptions_enable=False)
+
+
+def params_option(help: str = PARAMS_HELP) -> Any:
+    """The --params/-p option type; `help` says what the command reads from the file."""
+    return Annotated[Path, typer.Option("--params", "-p", help=help, show_default=True)]
+
+
+def set_option(help: str = SET_HELP) -> Any:
+    """The repeatable --set/-s KEY=VALUE option type."""
+    return Annotated[Optional[list[str]], typer.Option("--set", "-s", help=help)]
+
+
+ParamsOpt = params_option()
+SetOpt = set_option()
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="show tracebacks and debug logs")]
+
+
+def set_verbose(verbose: bool) -> None:
+    _state["verbose"] = verbose
+
+
+def load(params: Path, overrides: Optional[list[str]], verbose: bool = False) -> Params:
+    """The params file with --set overrides applied; --verbose also turns on debug logs."""
+    from ferflow.config import load_params  # lazily: pydantic and the params models
+
+    if verbose:
+        set_verbose(True)
+        logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+        install_log_filter()  # debug lines of urllib3 & co. carry query strings
+    return load_params(params, overrides or [])
+
+
+def params_loader(params_help: str = PARAMS_HELP, set_help: str = SET_HELP) -> Callable[[Callable], Callable]:
+    """A decorator for commands that run on params: the command declares a keyword-only
+    `cfg` parameter and receives the loaded params there. On the command line, --params and
+    --set stand where `cfg` does (so the help lists them in that place) and --verbose comes
+    last."""
+    added = [
+        inspect.Parameter("params", inspect.Parameter.KEYWORD_ONLY, default=DEFAULT_PARAMS,
+                          annotation=params_option(params_help)),
+        inspect.Parameter("set_", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=set_option(set_help)),
+    ]
+    last = inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=VerboseOpt)
+
+    def decorate(command: Callable) -> Callable:
+        signature = inspect.signature(command, eval_str=True)
+        own = list(signature.parameters.values())
+        names = [p.name for p in own]
+        if "cfg" not in names or signature.parameters["cfg"].kind is not inspect.Parameter.KEYWORD_ONLY:
+            raise TypeError(f"{command.__name__}: declare the params as a keyword-only `cfg` parameter")
+        at = names.index("cfg")
+
+        @functools.wraps(command)
+        def wrapper(*args, params: Path, set_: Optional[list[str]], verbose: bool, **kwargs):
+            return command(*args, cfg=load(params, set_, verbose), **kwargs)
+
+        # typer reads both the signature and the annotations
+        wrapper.__signature__ = signature.replace(parameters=[*own[:at], *added, *own[at + 1:], last])
+        wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}
+        return wrapper
+
+    return decorate
+
+
+with_params = params_loader()
+
+
+def run_app(app: typer.Typer, argv: Optional[list[str]] = None) -> None:
+    """Run `app` as a console script: a FerflowError becomes one line on stderr (plus the
+    traceback with --verbose) and its exit code; click's standalone mode handles usage
+    errors and exits itself."""
+    install_log_filter()
+    try:
+        app(args=argv)
+    except FerflowError as exc:
+        if _state["verbose"]:
+            err.print(redact_text(traceback.format_exc()), highlight=False, markup=False)
+        err.print(f"[bold red]error:[/] {escape(redact_text(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
