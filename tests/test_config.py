@@ -74,6 +74,23 @@ def test_archive_names_must_be_portable(params_file):
         load_params(params_file, ["data.archives={'../evil': {uri: x, sha256: '" + "0" * 64 + "'}}"])
 
 
+@pytest.mark.parametrize("uri", ["https://example.org/mine.zip", "s3://bucket/mine.zip", "gdrive://abc123",
+                                 "https://drive.google.com/file/d/abc123/view"])
+def test_a_remote_archive_without_sha256_is_refused_naming_the_key(params_file, uri):
+    with pytest.raises(ConfigError) as info:
+        load_params(params_file, [f"data.archives.Mine={{uri: '{uri}'}}"])
+    assert f"{params_file}: data.archives.Mine.sha256: " in str(info.value)
+    assert "required for a remote uri" in str(info.value)
+
+
+@pytest.mark.parametrize("uri", ["~/faces", "/data/faces", "faces.zip", "file:///data/faces.zip"])
+def test_a_local_archive_or_folder_may_leave_out_sha256_and_size(params_file, uri):
+    spec = load_params(params_file, [f"data.archives.MyFaces.uri={uri}"]).data.archive("MyFaces")
+    assert (spec.uri, spec.sha256, spec.size) == (uri, None, None)
+    with pytest.raises(ConfigError, match="data.archives.MyFaces.sha256: .*must be a sha256 digest"):
+        load_params(params_file, [f"data.archives.MyFaces.uri={uri}", "data.archives.MyFaces.sha256=abc"])
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="params file not found"):
         load_params(tmp_path / "nope.yaml")

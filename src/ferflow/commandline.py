@@ -27,11 +27,37 @@ if TYPE_CHECKING:
 
 DEFAULT_PARAMS = Path("params.yaml")
 PARAMS_HELP = "params file (YAML)"
-SET_HELP = "override a key: --set fetch.retries=2 (repeatable)"
+
+
+def override_help(example: str, what: str = "override a key") -> str:
+    """--set's help; `example` is a key the command reads, so the help shows what fits it.
+    Escaped: help is rich markup, where a list value like [enet_b0_7] would read as a tag."""
+    return f"{what}: --set {escape(example)} (repeatable)"
+
 
 out = Console()
 err = Console(stderr=True)
 _state = {"verbose": False}  # --verbose, before or after the command: main() then prints tracebacks
+
+
+def _show_flags_bare() -> None:
+    """Typer 0.29's rich help puts a value type beside every option, flags included
+    (`--verbose <bool>`, even `--help <bool>`), as if a flag took a value: `--verbose true`
+    then fails on `true`. Its plain help leaves flags (and counters) bare; so do we."""
+    from typer.core import TyperOption
+
+    typed = getattr(TyperOption, "display_type_rich", None)
+    if typed is None or getattr(typed, "flags_bare", False):
+        return  # another Typer without the hook (pyproject allows newer ones), or already done
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> Optional[str]:
+        return None if self.is_flag or self.count else typed(self, ctx)
+
+    display_type_rich.flags_bare = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_show_flags_bare()
 
 
 def typer_app(name: str, help: str) -> typer.Typer:
@@ -46,13 +72,11 @@ def params_option(help: str = PARAMS_HELP) -> Any:
     return Annotated[Path, typer.Option("--params", "-p", help=help, show_default=True)]
 
 
-def set_option(help: str = SET_HELP) -> Any:
-    """The repeatable --set/-s KEY=VALUE option type."""
+def set_option(help: str) -> Any:
+    """The repeatable --set/-s KEY=VALUE option type; `help` from override_help."""
     return Annotated[Optional[list[str]], typer.Option("--set", "-s", help=help)]
 
 
-ParamsOpt = params_option()
-SetOpt = set_option()
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="show tracebacks and debug logs")]
 
 
@@ -60,28 +84,57 @@ def set_verbose(verbose: bool) -> None:
     _state["verbose"] = verbose
 
 
-def load(params: Path, overrides: Optional[list[str]], verbose: bool = False) -> Params:
-    """The params file with --set overrides applied; --verbose also turns on debug logs."""
-    from ferflow.config import load_params  # lazily: pydantic and the params models
-
+def verbose_mode(verbose: bool) -> None:
+    """A command's --verbose: tracebacks (run_app) and debug logs."""
     if verbose:
         set_verbose(True)
         logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
         install_log_filter()  # debug lines of urllib3 & co. carry query strings
+
+
+def load(params: Path, overrides: Optional[list[str]]) -> Params:
+    """The params file with --set overrides applied."""
+    from ferflow.config import load_params  # lazily: pydantic and the params models
+
     return load_params(params, overrides or [])
 
 
-def params_loader(params_help: str = PARAMS_HELP, set_help: str = SET_HELP) -> Callable[[Callable], Callable]:
+def with_parameters(wrapper: Callable, parameters: list[inspect.Parameter]) -> Callable:
+    """`wrapper` (a functools.wraps of a command) as a command taking `parameters`: typer
+    reads both the signature and the annotations."""
+    wrapper.__signature__ = inspect.signature(wrapper, eval_str=True).replace(parameters=parameters)
+    wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+    return wrapper
+
+
+def with_verbose(command: Callable) -> Callable:
+    """`command` with --verbose as its last option."""
+    own = list(inspect.signature(command, eval_str=True).parameters.values())
+    last = inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=VerboseOpt)
+
+    @functools.wraps(command)
+    def wrapper(*args, verbose: bool, **kwargs):
+        verbose_mode(verbose)
+        return command(*args, **kwargs)
+
+    return with_parameters(wrapper, [*own, last])
+
+
+def params_loader(params_help: str = PARAMS_HELP, set_help: Optional[str] = None, *,
+                  example: Optional[str] = None) -> Callable[[Callable], Callable]:
     """A decorator for commands that run on params: the command declares a keyword-only
     `cfg` parameter and receives the loaded params there. On the command line, --params and
     --set stand where `cfg` does (so the help lists them in that place) and --verbose comes
-    last."""
+    last. --set's help is `set_help`, or override_help(`example`): a key=value the command
+    reads, required so that no command shows another's example."""
+    if (set_help is None) == (example is None):
+        raise TypeError("params_loader: give --set's `example` (or its whole `set_help`)")
     added = [
         inspect.Parameter("params", inspect.Parameter.KEYWORD_ONLY, default=DEFAULT_PARAMS,
                           annotation=params_option(params_help)),
-        inspect.Parameter("set_", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=set_option(set_help)),
+        inspect.Parameter("set_", inspect.Parameter.KEYWORD_ONLY, default=None,
+                          annotation=set_option(override_help(example) if example else set_help)),
     ]
-    last = inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=VerboseOpt)
 
     def decorate(command: Callable) -> Callable:
         signature = inspect.signature(command, eval_str=True)
@@ -92,18 +145,12 @@ def params_loader(params_help: str = PARAMS_HELP, set_help: str = SET_HELP) -> C
         at = names.index("cfg")
 
         @functools.wraps(command)
-        def wrapper(*args, params: Path, set_: Optional[list[str]], verbose: bool, **kwargs):
-            return command(*args, cfg=load(params, set_, verbose), **kwargs)
+        def wrapper(*args, params: Path, set_: Optional[list[str]], **kwargs):
+            return command(*args, cfg=load(params, set_), **kwargs)
 
-        # typer reads both the signature and the annotations
-        wrapper.__signature__ = signature.replace(parameters=[*own[:at], *added, *own[at + 1:], last])
-        wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}
-        return wrapper
+        return with_verbose(with_parameters(wrapper, [*own[:at], *added, *own[at + 1:]]))
 
     return decorate
-
-
-with_params = params_loader()
 
 
 def run_app(app: typer.Typer, argv: Optional[list[str]] = None) -> None:

@@ -3,7 +3,7 @@ reader of run.json. The one place these names live; dvc.yaml's outs spell the sa
 
     <data.prepared_dir>/<dataset>/                      prepared_dir()
         manifest.parquet, report.json                   (cache/<size>/: ferflow.data.cache)
-    <train.out_dir>/<dataset>/<model>/                  run_dir()
+    <train.out_dir>/<dataset>/<model>/                  run_dir() (<model>: model_dir_name())
         run.json, best.safetensors, last.pt, history.json, history.csv,
         train_metrics.json, mlflow_run.json
     <evaluate.out_dir>/fine-tuned/<dataset>/<model>/    eval_dir()
@@ -69,6 +69,14 @@ RESULTS_CSV = "results.csv"
 PROMOTIONS = "promotions"
 
 
+def model_dir_name(model: str) -> str:
+    """The file-name form of a model name, used by every path below: `timm:resnet18` ->
+    `timm-resnet18`. A `:` is refused by Windows file systems and misread by tools that
+    take `host:path` or `file:stage` (scp, rsync, DVC addressing); zoo names have none,
+    and the zoo accepts this form as the same model."""
+    return model.replace(":", "-")
+
+
 def prepared_dir(prepared_root: PathLike, dataset: str) -> Path:
     """`<data.prepared_dir>/<dataset>`: what prepare writes for one dataset."""
     return Path(prepared_root) / dataset
@@ -76,17 +84,17 @@ def prepared_dir(prepared_root: PathLike, dataset: str) -> Path:
 
 def run_dir(train_out_dir: PathLike, dataset: str, model: str) -> Path:
     """`<train.out_dir>/<dataset>/<model>`: where training writes (and everything after reads) a run."""
-    return Path(train_out_dir) / dataset / model
+    return Path(train_out_dir) / dataset / model_dir_name(model)
 
 
 def eval_dir(evaluate_out_dir: PathLike, dataset: str, model: str) -> Path:
     """`<evaluate.out_dir>/fine-tuned/<dataset>/<model>`: the evaluation of the run trained on `dataset`."""
-    return Path(evaluate_out_dir) / FINE_TUNED / dataset / model
+    return Path(evaluate_out_dir) / FINE_TUNED / dataset / model_dir_name(model)
 
 
 def zero_shot_dir(evaluate_out_dir: PathLike, model: str) -> Path:
     """`<evaluate.out_dir>/zero-shot/none/<model>`: the pretrained head, before fine-tuning."""
-    return Path(evaluate_out_dir) / ZERO_SHOT / NO_TRAIN_DATASET / model
+    return Path(evaluate_out_dir) / ZERO_SHOT / NO_TRAIN_DATASET / model_dir_name(model)
 
 
 def eval_cell(eval_root: PathLike, eval_dataset: str) -> Path:
@@ -108,7 +116,7 @@ def predictions_plot_path(eval_root: PathLike) -> Path:
 
 def registry_record(records_dir: PathLike, dataset: str, model: str) -> Path:
     """`<registry.records_dir>/<dataset>/<model>.json`: the version `register` made (a DVC out)."""
-    return Path(records_dir) / dataset / f"{model}.json"
+    return Path(records_dir) / dataset / f"{model_dir_name(model)}.json"
 
 
 def promotion_record(records_dir: PathLike, dataset: str) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -27,19 +28,36 @@ def check_datasets(params: Params, names: Iterable[str]) -> None:
         params.data.check_dataset(name)
 
 
-def check_models(names: Iterable[str]) -> None:
-    names = list(names)
-    if not names:
-        return
+def check_models(names: Iterable[str]) -> list[str]:
+    """The zoo names of `names` (`timm-<arch>`, its folder name, is `timm:<arch>`)."""
+    return [check_model(name) for name in names]
+
+
+def check_model(name: str) -> str:
+    """The zoo name of a model given on the command line, refused (ConfigError) when unknown
+    or when it would name another folder than the model's own."""
     from ferflow.models import zoo
 
-    for name in names:
-        try:
-            entry = zoo.resolve(name)
-        except FerflowError as exc:
-            raise ConfigError(str(exc)) from None
-        if entry.name != name:  # " demo_tiny" resolves, but would name another folder
-            raise ConfigError(f"model name {name!r}: use {entry.name!r}")
+    try:
+        entry = zoo.resolve(name)
+    except FerflowError as exc:
+        raise ConfigError(str(exc)) from None
+    folder = layout.model_dir_name(entry.name)
+    if layout.model_dir_name(name) != folder:  # " demo_tiny" resolves, but would name another folder
+        raise ConfigError(f"model name {name!r}: use {entry.name!r}")
+    if name != folder and os.environ.get("DVC_STAGE"):
+        # dvc.yaml's outs put the name itself in paths; the run folder is `folder`.
+        raise ConfigError(f"model name {name!r}: dvc.yaml builds paths from it, so list it as {folder!r} "
+                          f"(the same model, named as its folder) in train.models")
+    return entry.name
+
+
+def with_digests(params: Params, datasets: Iterable[str] = ()) -> Params:
+    """`params` with the digests `ferflow fetch` recorded for local sources that params leave
+    without a sha256, required for `datasets` (ferflow.data.digests)."""
+    from ferflow.data.digests import with_recorded_digests
+
+    return with_recorded_digests(params, datasets)
 
 
 def select_archives(params: Params, names: Optional[Iterable[str]]) -> list[ArchiveSpec]:
@@ -66,9 +84,9 @@ def prepare(params: Params, names: Optional[Iterable[str]] = None):
     from ferflow.data.prepare import prepare_dataset
     from ferflow.data.union import prepare_union
 
-    data = params.data
-    names = list(names or data.archives)
+    names = list(names or params.data.archives)
     check_datasets(params, names)
+    data = with_digests(params, names).data
     results = []
     for name in names:
         if name in data.unions:
@@ -87,6 +105,7 @@ def synthesize_masks(params: Params, dataset: str, out: Path, styles=None, colou
     from ferflow.data.synthesize import synthesize_masks as synthesize
 
     check_datasets(params, [dataset])
+    params = with_digests(params, [dataset])
     return synthesize(params.data.archive(dataset), params.data.raw_dir, Path(out), params.prepare, params.fetch,
                       styles or STYLES, colours or COLOURS, seed, placement, tuple(face_box), face_cut)
 
@@ -152,9 +171,12 @@ def tracking_session(params: Params, dataset: str, model: str) -> Iterator[Optio
 def train(params: Params, dataset: str, model: str, callbacks=()):
     """Fine-tune one zoo model on one prepared dataset (resumes a run dir with last.pt),
     recorded in MLflow when `tracking.enabled`."""
-    from ferflow.training.trainer import train as train_model
+    from ferflow.training.trainer import preflight, train as train_model
 
-    check_names(params, [dataset], [model])
+    check_datasets(params, [dataset])
+    params = with_digests(params, [dataset])  # the recipe hash and lineage name the data's digest
+    model = check_model(model)
+    preflight(params, dataset, model)  # before the MLflow run: a usage error leaves none
     with tracking_session(params, dataset, model) as tracker:
         all_callbacks = [*callbacks, tracker] if tracker is not None else list(callbacks)
         return train_model(params, dataset, model, callbacks=all_callbacks)
@@ -163,12 +185,16 @@ def train(params: Params, dataset: str, model: str, callbacks=()):
 def evaluate(params: Params, dataset: str, model: str, eval_datasets: Optional[Iterable[str]] = None) -> dict:
     """Cross-dataset evaluation of the run trained on `dataset`; logged into that training's
     MLflow run when it recorded one (`mlflow_run.json`) and `tracking.enabled`."""
-    from ferflow.evaluation.evaluate import evaluate_run
+    from ferflow.evaluation.evaluate import evaluate_run, preflight_run
 
-    check_names(params, [dataset, *(eval_datasets or [])], [model])
+    eval_datasets = None if eval_datasets is None else list(eval_datasets)
+    check_datasets(params, [dataset, *(eval_datasets or [])])
+    model = check_model(model)
+    eval_datasets = preflight_run(params, dataset, model, eval_datasets)  # default: the prepared ones
     run_dir = layout.run_dir(params.require_train().out_dir, dataset, model)
     tracked = params.tracking.enabled and (run_dir / layout.MLFLOW_RUN).is_file()
     if tracked:  # fail before computing anything when the server is down
+        params = with_digests(params, [dataset])  # lineage names the training data's digest
         from ferflow.tracking import service
 
         service.check_reachable(service.resolve_tracking_uri(params.tracking), min(params.tracking.timeout_s, 5.0))
@@ -185,13 +211,14 @@ def zero_shot(params: Params, model: str, eval_datasets: Optional[Iterable[str]]
     """The pretrained expression head mapped to 3 classes: the 'before fine-tuning' row."""
     from ferflow.evaluation.evaluate import evaluate_zero_shot
 
-    check_names(params, eval_datasets or [], [model])
-    return evaluate_zero_shot(params, model, eval_datasets)
+    check_datasets(params, eval_datasets or [])
+    return evaluate_zero_shot(params, check_model(model), eval_datasets)
 
 
 def report(params: Params, from_registry: bool = False):
-    """The models x datasets table beside the seed's published numbers."""
-    from ferflow.evaluation.report import collect_results, write_report
+    """The models x datasets table beside the seed's published numbers; from the registry,
+    with a note wherever a version's figures differ from the local evaluation files."""
+    from ferflow.evaluation.report import collect_results, compare_with_files, write_report
 
     if from_registry:
         from ferflow.tracking.queries import registry_results
@@ -199,43 +226,73 @@ def report(params: Params, from_registry: bool = False):
 
         configure(params)
         results = registry_results(params)
-    else:
-        results = collect_results(params.evaluate.out_dir)
+        return results, write_report(results, params.report.out_dir,
+                                     compare_with_files(results, params.evaluate.out_dir))
+    results = collect_results(params.evaluate.out_dir)
     return results, write_report(results, params.report.out_dir)
 
 
 def register(params: Params, dataset: str, model: str, run_dir: Optional[Path] = None):
-    """Log the fine-tuned model to MLflow and register it as a new version (alias challenger)."""
+    """Log the fine-tuned model to MLflow and register it as a new version (alias challenger);
+    the same run, weights and eval data registered before return that version (`created` false)."""
     from ferflow.tracking.versioning import register as register_version
     from ferflow.fileio import atomic_write_json
 
-    check_names(params, [dataset], [model])
+    check_datasets(params, [dataset])
+    params = with_digests(params, [dataset])  # lineage names the training data's digest
+    model = check_model(model)
     run_dir = Path(run_dir) if run_dir else layout.run_dir(params.require_train().out_dir, dataset, model)
+    preflight_register(params, dataset, model, run_dir)
     version = register_version(params, dataset, run_dir)
     atomic_write_json(layout.registry_record(params.registry.records_dir, dataset, model), {
         "name": version.name, "version": str(version.version), "run_id": version.run_id,
-        "source": version.source, "alias": "challenger",
+        "source": version.source, "aliases": sorted(version.aliases or []), "created": version.created,
     })
     return version
+
+
+def preflight_register(params: Params, dataset: str, model: str, run_dir: Path) -> None:
+    """What `register` needs from earlier stages, checked before it may create a stand-in
+    MLflow run: the trained files, and an evaluation (the evaluate stage's files, whose
+    in-domain data has a manifest digest, or a recorded training run holding its metrics)."""
+    from ferflow.tracking.queries import evaluation_files
+    from ferflow.tracking.rundir import read_run_dir, recorded_run_id
+    from ferflow.tracking.versioning import require_log_model
+
+    require_log_model(params, run_dir)
+    read_run_dir(run_dir)
+    evaluation = evaluation_files(params, dataset, model)
+    if evaluation is None and recorded_run_id(run_dir) is None:
+        raise FerflowError(f"no evaluation of {model} trained on {dataset}: {run_dir} records no MLflow run and "
+                           f"{params.evaluate.out_dir} has none; run `ferflow evaluate --dataset {dataset} "
+                           f"--model {model}` first")
+    if evaluation is not None and evaluation.tags.get("eval.manifest_sha256", "unknown") == "unknown":
+        report = layout.prepared_dir(params.data.prepared_dir, dataset) / layout.REPORT
+        raise FerflowError(f"{report}: no manifest_sha256 identifies the evaluation data; "
+                           f"run `ferflow prepare --dataset {dataset}`")
 
 
 def promote(params: Params, dataset: str, metric: Optional[str] = None, min_delta: Optional[float] = None,
             rollback: bool = False, force: bool = False):
     """Move `champion` to the best challenger of a dataset's registered model, by the gate
-    (better than the champion, and not below the zero-shot start; `force` skips both)."""
+    (better than the champion, and not below the zero-shot start; `force` skips both).
+    The decision goes to the registry's promotion log and, the latest one, to
+    `<registry.records_dir>/promotions/<dataset>.json`."""
     from ferflow.tracking import aliases
     from ferflow.fileio import atomic_write_json
 
     check_datasets(params, [dataset])
     name = params.registry.name_for(dataset)
+    path = layout.promotion_record(params.registry.records_dir, dataset)
+
+    def record(decision) -> None:
+        atomic_write_json(path, decision.as_dict())
+
     if rollback:
-        decision = aliases.rollback(params, name)
-    else:
-        decision = aliases.promote(
-            params, name,
-            metric=metric or params.registry.metric,
-            min_delta=params.registry.min_delta if min_delta is None else min_delta,
-            force=force,
-        )
-    atomic_write_json(layout.promotion_record(params.registry.records_dir, dataset), decision.as_dict())
-    return decision
+        return aliases.rollback(params, name, record=record)
+    return aliases.promote(
+        params, name,
+        metric=metric or params.registry.metric,
+        min_delta=params.registry.min_delta if min_delta is None else min_delta,
+        force=force, record=record,
+    )

@@ -9,7 +9,9 @@ from ferflow.evaluation.report import (
     COLUMNS,
     SEED_RESULTS,
     collect_results,
+    compare_with_files,
     cross_dataset_matrix,
+    render_markdown,
     results_table,
     seed_accuracy,
     write_report,
@@ -142,3 +144,24 @@ def test_write_report_empty(tmp_path):
     paths = write_report(collect_results(tmp_path), tmp_path / "r")
     assert "No evaluation results found." in paths["markdown"].read_text(encoding="utf-8")
     assert pd.read_csv(paths["csv"]).columns.tolist() == COLUMNS
+
+
+def test_rows_name_their_source_and_a_registry_report_notes_what_differs(eval_root):
+    df = collect_results(eval_root)
+    sources = {(r.stage, r.train_dataset, r.model): r.source for r in df.itertuples()}
+    assert sources[("fine-tuned", "LFW-FER", "enet_b0_7")] == "run LFW-FER/enet_b0_7"
+    assert sources[("zero-shot", "none", "mini")] == "zero-shot mini"
+    md = render_markdown(df)
+    assert "| +28.50 | 83.50 | 55.00 | +28.50 | run LFW-FER/enet_b0_7 |" in md  # "from": the in-domain run
+    assert "| M-LFW-FER-face-cut | enet_b0_7 | – | 71.48 | – | 55.00 | – | – | 50.00 | – | zero-shot enet_b0_7 |" in md
+    assert "| M-LFW-FER | 70.00 | 38.00 | run M-LFW-FER/enet_b0_7 |" in md and "| --- | ---: | ---: | --- |" in md
+
+    registry = df.copy()
+    registry["source"] = "models:/ferflow-lfw-fer/3 @champion"
+    assert compare_with_files(registry, eval_root) == [] and compare_with_files(registry, eval_root / "none") == []
+    registry.loc[(registry["model"] == "enet_b0_7") & (registry["eval_dataset"] == "M-LFW-FER"), "accuracy"] += 0.02
+    notes = compare_with_files(registry, eval_root)
+    assert len(notes) == 2 and notes[0].startswith(  # one per (train dataset, model)
+        "`LFW-FER/enet_b0_7` accuracy: models:/ferflow-lfw-fer/3 @champion records 43.00 % on M-LFW-FER; "
+        "the latest evaluation files (run LFW-FER/enet_b0_7) show 41.00 %. ")
+    assert "## Registry and evaluation files differ\n\n- `LFW-FER/enet_b0_7`" in render_markdown(registry, notes)

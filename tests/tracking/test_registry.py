@@ -168,6 +168,10 @@ def test_a_model_below_its_zero_shot_start_is_never_promoted_unless_forced(train
     v2 = versioning.register(p2, DATASET, run2)
     won = stages.promote(params, DATASET)
     assert won.action == "promoted" and won.candidate_version == str(v2.version)
+    again = stages.register(p2, DATASET, MODEL, run2)  # nothing new: says so, and claims no challenger
+    assert (again.version, again.created, again.aliases) == (v2.version, False, ["champion"])
+    record = json.loads((params.registry.records_dir / DATASET / f"{MODEL}.json").read_text())
+    assert (record["version"], record["aliases"], record["created"]) == (str(v2.version), ["champion"], False)
 
     forced = aliases.promote(params, name, force=True)  # nothing newer: the challenger alias is gone
     assert forced.action == "refused"
@@ -211,7 +215,8 @@ def test_dvc_experiment_trials_are_tagged_and_never_move_champion(trained, track
 def test_register_promote_rollback_then_serve_champion(trained, tracking, tmp_path):
     client = MlflowClient()
     uri = tracking.uri
-    params, run1 = variant(trained, uri, tmp_path / "v1")
+    # The tiny trained model is near chance: no floor here, this test follows the plumbing.
+    params, run1 = variant(trained, uri, tmp_path / "v1", None, None, "registry.first_champion_min=0")
     name = params.registry.name_for(DATASET)
 
     # Training's tracking would have made this run; lineage tags on it reach the version.
@@ -222,7 +227,7 @@ def test_register_promote_rollback_then_serve_champion(trained, tracking, tmp_pa
     assert info.run_id == run.info.run_id and info.model_id
 
     v1 = versioning.register(params, DATASET, run1)
-    assert v1.version in ("1", 1) and v1.aliases == ["challenger"]
+    assert v1.version in ("1", 1) and v1.aliases == ["challenger"] and v1.created
     # The model logged above is reused, not logged twice.
     assert [o.model_id for o in client.get_run(run.info.run_id).outputs.model_outputs] == [info.model_id]
     tags = v1.tags
@@ -236,12 +241,15 @@ def test_register_promote_rollback_then_serve_champion(trained, tracking, tmp_pa
     assert tags["model.weights_sha256"] == hashlib.sha256((run1 / "best.safetensors").read_bytes()).hexdigest()
     assert tags["lineage.git_commit"] == "0123abc" and tags["source_run_id"] == run.info.run_id
     assert "non-commercial" in v1.description and "| LFW-FER (in-domain) |" in v1.description
-    assert versioning.register(params, DATASET, run1).version == v1.version  # idempotent
+    again = versioning.register(params, DATASET, run1)
+    assert again.version == v1.version and not again.created  # idempotent, and says so
 
     first = aliases.promote(params, name)
     assert first.action == "promoted" and first.candidate_version == "1" and "no champion" in first.reason
     assert queries.aliases(client, name) == {"champion": "1"}
     assert client.get_model_version(name, "1").tags["promotion.decision"] == "promoted"
+    again = versioning.register(params, DATASET, run1)  # holds champion now, not challenger
+    assert (again.version, again.created, again.aliases) == (v1.version, False, ["champion"])
 
     # Worse, registered from a run dir without any MLflow run: refused, and the tags say why.
     acc1 = float(tags["eval_accuracy"])
@@ -301,7 +309,10 @@ def test_register_promote_rollback_then_serve_champion(trained, tracking, tmp_pa
     from_registry = queries.registry_results(params)
     expected = collect_results(trained[2])
     expected = expected[expected["stage"] == "fine-tuned"]
-    pd.testing.assert_frame_equal(sort(from_registry), sort(expected), check_exact=False, rtol=1e-12)
+    assert set(from_registry["source"]) == {f"models:/{name}/1 @champion"}  # each row names its version
+    assert set(expected["source"]) == {f"run {DATASET}/{MODEL}"}  # ... and from the files, its run
+    pd.testing.assert_frame_equal(sort(from_registry).drop(columns="source"), sort(expected).drop(columns="source"),
+                                  check_exact=False, rtol=1e-12)
 
     # The champion loads by alias and predicts like `ferflow evaluate` did.
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
@@ -459,3 +470,29 @@ def test_contenders_and_a_challenger_passed_over():
     lost = passed_over(decision, v3)
     assert (lost.action, lost.candidate_version, lost.candidate_value) == ("refused", "3", 0.82)
     assert lost.reason.startswith("v4 was promoted instead: ") and lost.champion_version == "1"
+
+
+@pytest.mark.parametrize("accuracy, start, action, why", [
+    (0.3333, None, "refused", "is below registry.first_champion_min 0.4"),  # chance level, nothing to beat
+    (0.45, None, "promoted", "reaches registry.first_champion_min 0.4"),
+    (0.70, 0.72, "refused", "below its starting point"),  # the old rule still holds first
+    (0.72, 0.72, "refused", "does not beat the zero-shot start"),  # equal is not beating it
+    (0.38, 0.30, "promoted", "beats the zero-shot start"),  # the start, where recorded, is the bar
+])
+def test_a_first_champion_must_beat_its_zero_shot_start_else_the_floor(accuracy, start, action, why):
+    extra = {} if start is None else {"eval_baseline_accuracy": repr(start)}
+    challenger = _mv(1, accuracy, **extra)
+    decision = decide("m", None, challenger, [challenger], "eval_accuracy", 0.0, False, first_min=0.40)
+    assert (decision.action, decision.candidate_version) == (action, "1") and why in decision.reason, decision.reason
+    assert decide("m", None, challenger, [challenger], "eval_accuracy", 0.0, True, first_min=0.40).promoted  # --force
+
+
+def test_a_first_champion_is_the_best_that_clears_its_bar():
+    # v2 scores more but not above its own start; v1 clears the floor: v1 serves first.
+    v1, v2 = _mv(1, 0.50), _mv(2, 0.60, eval_baseline_accuracy="0.6")
+    decision = decide("m", None, v2, [v1, v2], "eval_accuracy", 0.0, False, first_min=0.40)
+    assert (decision.action, decision.candidate_version) == ("promoted", "1"), decision
+    # On another gate metric the start of that metric is the bar.
+    f1 = _mv(3, 0.55, eval_macro_f1="0.35", eval_baseline_macro_f1="0.36")
+    refused = decide("m", None, f1, [f1], "eval_macro_f1", 0.0, False, first_min=0.0)
+    assert refused.action == "refused" and "(0.3600)" in refused.reason

@@ -1,7 +1,7 @@
 """`ferflow`: one subcommand per pipeline stage. Each reads params.yaml (or --params) plus
 --set overrides, and calls the same stage function that dvc.yaml and the KFP components use.
 
-The commands live by concern in this package (data, training, inference, parent_run);
+The commands live by concern in this package (data, training, registry, inference, parent_run);
 `pipeline` and `serve` are the sub-apps of ferflow.pipeline.cli and ferflow.serving.cli.
 """
 
@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from ferflow import __version__
-from ferflow.cli import data, inference, parent_run, training
+from ferflow.cli import data, inference, parent_run, registry, training
 from ferflow.commandline import VerboseOpt, out, run_app, set_verbose, typer_app
 from ferflow.pipeline.cli import pipeline_app
 from ferflow.serving.cli import serve_app
@@ -37,7 +37,7 @@ def _root(
 
 
 # Unnamed sub-apps merge their commands into `ferflow`, in this order (the order of --help).
-for commands in (data.app, training.app, inference.app, parent_run.app):
+for commands in (data.app, training.app, registry.app, inference.app, parent_run.app):
     app.add_typer(commands)
 app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(serve_app, name="serve")

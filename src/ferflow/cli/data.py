@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ferflow import stages
-from ferflow.commandline import out, with_params
+from ferflow.commandline import out, params_loader
 from ferflow.config import Params
 from ferflow.errors import ConfigError
 
@@ -23,7 +23,7 @@ DatasetOpt = Annotated[
 
 
 @app.command()
-@with_params
+@params_loader(example="fetch.retries=2")
 def fetch(
     dataset: DatasetOpt = None,
     *,
@@ -41,10 +41,14 @@ def fetch(
         action = "downloaded" + (" (DVC remote)" if r.from_dvc_remote else "") if r.downloaded else "verified, reused"
         table.add_row(r.name, f"{r.size:,}", r.sha256[:16] + "…", action)
     out.print(table)
+    for r in results:
+        if r.record is not None:  # a local source without sha256 in params: its digest, in full
+            out.print(f"{r.name}: no sha256 in params; content sha256 {r.sha256}, recorded in {r.record} and "
+                      "checked on every fetch", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
-@with_params
+@params_loader(example="prepare.image_sizes=[112]")
 def prepare(dataset: DatasetOpt = None, *, cfg: Params) -> None:
     """Extract safely, validate images, write manifest + report + uint8 caches per dataset."""
     results = stages.prepare(cfg, dataset)
@@ -55,7 +59,7 @@ def prepare(dataset: DatasetOpt = None, *, cfg: Params) -> None:
 
 
 @app.command("demo-data")
-@with_params
+@params_loader(example="demo.images_per_class=200")
 def demo_data(
     out_dir: Annotated[
         Optional[Path], typer.Option("--out", help="directory for the archives (default: demo.out_dir)")
@@ -94,7 +98,7 @@ def _face_box(text: str) -> tuple[float, ...]:
 
 
 @app.command("synthesize-masks")
-@with_params
+@params_loader(example="data.raw_dir=/mnt/raw")
 def synthesize_masks(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="archive name from data.archives (fetched)")],
     out_zip: Annotated[Path, typer.Option("--out", help="masked archive to write (FILE.zip; face-cut: FILE-face-cut.zip)")],

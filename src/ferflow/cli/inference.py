@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ferflow.commandline import err, out, with_params
+from ferflow.commandline import err, out, params_loader
 from ferflow.config import Params
 
 app = typer.Typer()  # merged into `ferflow` (ferflow.cli)
@@ -19,7 +19,7 @@ ReferenceOpt = Annotated[str, typer.Option("--model", "-m", help="models:/<name>
 
 
 @app.command()
-@with_params
+@params_loader(example="models.dan.pretrained=weights/dan.pth")
 def models(*, cfg: Params) -> None:
     """List the model zoo with input sizes, heads and the weights params select."""
     from ferflow.models.zoo import ZOO
@@ -33,7 +33,7 @@ def models(*, cfg: Params) -> None:
 
 
 @app.command()
-@with_params
+@params_loader(example="train.device=cpu")
 def predict(
     paths: Annotated[list[Path], typer.Argument(metavar="PATH", help="image files or folders (searched recursively)")],
     model: ReferenceOpt,
@@ -59,7 +59,7 @@ def predict(
 
 
 @app.command()
-@with_params
+@params_loader(example="models.enet_b0_7.pretrained=weights/enet_b0_7.pt")
 def export(
     model: ReferenceOpt,
     format_: Annotated[str, typer.Option("--format", "-f", help="onnx")] = "onnx",

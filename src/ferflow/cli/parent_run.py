@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ferflow.commandline import out, with_params
+from ferflow.commandline import out, params_loader
 from ferflow.config import Params
 from ferflow.errors import ConfigError, FerflowError
 
@@ -17,7 +17,7 @@ app = typer.Typer()  # merged into `ferflow` (ferflow.cli)
     "parent-run",
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
 )
-@with_params
+@params_loader(example="tracking.experiment=nightly")
 def parent_run_cmd(
     ctx: typer.Context,
     name: Annotated[str, typer.Option("--name", help="MLflow run name of the DAG invocation")] = "dag",

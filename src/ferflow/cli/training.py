@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ferflow import stages
-from ferflow.commandline import out, with_params
+from ferflow.commandline import out, params_loader
 from ferflow.config import Params
 from ferflow.errors import ConfigError
 
@@ -21,7 +21,7 @@ OneDatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="archive nam
 
 
 @app.command()
-@with_params
+@params_loader(example="train.full_stage.epochs=3")
 def train(dataset: OneDatasetOpt, model: ModelOpt, *, cfg: Params) -> None:
     """Fine-tune a model on a prepared dataset (head, then all layers); resumes a killed run."""
     result = stages.train(cfg, dataset, model)
@@ -37,14 +37,16 @@ def train(dataset: OneDatasetOpt, model: ModelOpt, *, cfg: Params) -> None:
 
 
 @app.command()
-@with_params
+@params_loader(example="evaluate.batch_size=128")
 def evaluate(
     model: ModelOpt,
     dataset: Annotated[
         Optional[str], typer.Option("--dataset", "-d", help="the dataset the model was fine-tuned on")
     ] = None,
     on: Annotated[
-        Optional[list[str]], typer.Option("--on", help="eval datasets (repeatable; default: all archives)")
+        Optional[list[str]],
+        typer.Option("--on", help="eval datasets (repeatable; default: every archive prepared at the model's "
+                                  "size, naming those skipped)"),
     ] = None,
     zero_shot: Annotated[
         bool, typer.Option("--zero-shot", help="evaluate the pretrained head mapped to 3 classes instead")
@@ -73,7 +75,7 @@ def evaluate(
 
 
 @app.command()
-@with_params
+@params_loader(example="registry.names.LFW-FER=ferflow-faces")
 def register(
     dataset: OneDatasetOpt,
     model: ModelOpt,
@@ -83,13 +85,23 @@ def register(
     *,
     cfg: Params,
 ) -> None:
-    """Log the fine-tuned model to MLflow and register a new version with alias `challenger`."""
+    """Log the fine-tuned model to MLflow and register a new version with alias `challenger`.
+
+    The same run, weights and eval data again register nothing: it names the version that
+    already holds them, and the aliases that version holds now."""
     version = stages.register(cfg, dataset, model, run_dir)
-    out.print(f"registered {version.name} version {version.version} (alias challenger)")
+    aliases = sorted(version.aliases or [])
+    held = f"alias{'es' * (len(aliases) > 1)} {', '.join(aliases)}" if aliases else "no alias"
+    if version.created:
+        out.print(f"registered {version.name} version {version.version} ({held})")
+    else:  # the same run, weights and eval data: nothing new, and it keeps what it holds
+        last = version.tags.get("promotion.decision")
+        out.print(f"{version.name}: already registered as version {version.version} ({held}"
+                  + (f"; last promotion decision: {last}" if last else "") + "); nothing new registered")
 
 
 @app.command()
-@with_params
+@params_loader(example="registry.min_delta=0.005")
 def promote(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="dataset whose registered model to promote")],
     metric: Annotated[Optional[str], typer.Option("--metric", help="gate metric (default: registry.metric)")] = None,
@@ -112,7 +124,7 @@ def promote(
 
 
 @app.command()
-@with_params
+@params_loader(example="report.out_dir=reports/v2")
 def report(
     from_registry: Annotated[
         bool, typer.Option("--from-registry", help="read results from the MLflow registry, not local files")

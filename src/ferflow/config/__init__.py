@@ -8,7 +8,8 @@ callers import them from here.
 
 from ferflow.config.base import SEED_MAX
 from ferflow.config.data import (FACE_CROP_SYNTAX, ArchiveSource, ArchiveSpec, DataSettings, DemoSettings,
-                                 DetectorSettings, FetchSettings, PrepareSettings, SplitSettings, check_face_crop)
+                                 DetectorSettings, FetchSettings, PrepareSettings, SplitSettings, check_face_crop,
+                                 is_local_uri, uri_scheme)
 from ferflow.config.loading import (DEFAULT_PARAMS, apply_override, describe_validation_error, dump_params,
                                     load_params, parse_override, read_yaml, validate)
 from ferflow.config.params import Params
@@ -25,6 +26,7 @@ __all__ = [
     "TrainSettings",
     "EvaluateSettings", "ReportSettings", "TrackingSettings", "RegistrySettings", "ServeSettings",
     "Params",
-    "check_face_crop", "parse_override", "apply_override", "read_yaml", "validate", "load_params",
+    "check_face_crop", "is_local_uri", "uri_scheme",
+    "parse_override", "apply_override", "read_yaml", "validate", "load_params",
     "describe_validation_error", "dump_params",
 ]

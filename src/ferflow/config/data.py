@@ -5,36 +5,63 @@ from __future__ import annotations
 
 import hashlib
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Optional
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from ferflow.config.base import Frozen, optional_sha256, seed_field, sha256_digest
+from ferflow.config.base import Frozen, optional_sha256, seed_field
 from ferflow.errors import ConfigError
 
 # Real archive names become directory names; keep them portable.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class ArchiveSource(Frozen):
-    """Where one archive lives and the digest it must have (a value of data.archives)."""
+def uri_scheme(uri: str) -> str:
+    """The lower-case scheme of a source URI; "" for a plain path."""
+    return urllib.parse.urlsplit(uri).scheme.lower() if "://" in uri or uri.startswith("file:") else ""
 
-    uri: str = Field(description="https://, Google Drive link, s3://bucket/key, file:// or a path")
-    sha256: str = Field(description="expected sha256 of the archive, 64 hex digits")
-    size: Optional[int] = Field(default=None, ge=0, description="expected size in bytes")
+
+def is_local_uri(uri: str) -> bool:
+    """A local file or folder: a plain path or a file:// URI."""
+    return uri_scheme(uri) in ("", "file")
+
+
+class ArchiveSource(Frozen):
+    """Where one archive lives and the digest it must have (a value of data.archives).
+
+    A local source (a path or file://, a zip or a folder) may leave out sha256: `ferflow
+    fetch` then records the digest of what it found (ferflow.data.digests) and holds every
+    later fetch to it. A remote one must name it: its bytes are trusted only by it."""
+
+    uri: str = Field(description="https://, Google Drive link, s3://bucket/key, file://, a path, or a local folder")
+    sha256: Optional[str] = Field(default=None, validate_default=True,
+                                  description="expected sha256 of the archive, 64 hex digits (optional for local)")
+    size: Optional[int] = Field(default=None, ge=0, description="expected size in bytes (checked for remote sources)")
     images: Optional[int] = Field(default=None, ge=0, description="images it holds: sizes the pipeline's disks")
 
     @field_validator("sha256")
     @classmethod
-    def _hex_digest(cls, v: str) -> str:
-        return sha256_digest(v)
+    def _hex_digest(cls, v: Optional[str], info: ValidationInfo) -> Optional[str]:
+        uri = info.data.get("uri")
+        if v is None and uri is not None and not is_local_uri(uri):
+            raise ValueError("required for a remote uri (https, s3, Google Drive); only a local file or "
+                             "folder may leave it out")
+        return optional_sha256(v)
 
 
 class ArchiveSpec(ArchiveSource):
     """An archive source with its dataset name (the key it has in data.archives)."""
 
     name: str
+
+    def require_sha256(self) -> str:
+        """The digest the archive must have: from params, or recorded by `ferflow fetch`."""
+        if self.sha256 is None:
+            raise ConfigError(f"data.archives.{self.name}.sha256: not in params and no digest recorded for this "
+                              f"local source yet; run `ferflow fetch --dataset {self.name}` first")
+        return self.sha256
 
 
 class DataSettings(Frozen):
@@ -87,8 +114,8 @@ class DataSettings(Frozen):
     def content_sha256(self, name: str) -> str:
         """The archive's sha256, or for a union one digest over its members' (in order)."""
         if name in self.archives:
-            return self.archives[name].sha256
-        joined = ",".join(f"{m}:{self.archives[m].sha256}" for m in self.members(name))
+            return self.archive(name).require_sha256()
+        joined = ",".join(f"{m}:{self.archive(m).require_sha256()}" for m in self.members(name))
         return hashlib.sha256(joined.encode()).hexdigest()
 
     @property

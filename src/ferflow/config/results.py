@@ -44,6 +44,10 @@ class RegistrySettings(Frozen):
     records_dir: Path = Field(default=Path("registry"), description="what register/promote did, as files (DVC outs)")
     metric: str = "eval_accuracy"
     min_delta: float = Field(default=0.0, ge=0)
+    # Chance is 1/3 for 3 classes: with no champion to beat, a near-chance model would serve.
+    first_champion_min: float = Field(
+        default=0.40, ge=0, le=1,
+        description="with no champion yet, the gate metric a first champion needs when it has no zero-shot start")
     promote_in_experiments: bool = Field(
         default=False, description="`dvc exp run` trials register (tagged dvc.experiment) but move champion only if true")
 

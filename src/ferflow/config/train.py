@@ -68,7 +68,8 @@ class EmaSettings(Frozen):
 
 class TrainSettings(Frozen):
     datasets: list[str] = Field(min_length=1, description="names from data.archives to fine-tune on")
-    models: list[str] = Field(min_length=1, description="zoo names (see `ferflow models`) or timm:<arch>")
+    models: list[str] = Field(min_length=1, description="zoo names (see `ferflow models`) or timm:<arch> "
+                                                        "(timm-<arch> in dvc.yaml runs)")
     out_dir: Path = Path("models")
     input_size: Optional[int] = Field(default=None, ge=16, le=1024, description="override the zoo's size")
     batch_size: int = Field(default=32, ge=1)

@@ -124,7 +124,7 @@ def _plan(zf: zipfile.ZipFile, archive: str, cap: int) -> tuple[list[_Member], l
         is_dir = _is_dir(info, archive)
         if not parts:
             continue  # "./" and the like name the root itself
-        reason = _junk_reason(parts)
+        reason = junk_reason(parts)
         if reason is not None:
             if not is_dir:
                 skipped.append({"path": info.filename, "reason": reason})
@@ -172,7 +172,9 @@ def _is_dir(info: zipfile.ZipInfo, archive: str) -> bool:
     return info.is_dir() or kind == stat.S_IFDIR
 
 
-def _junk_reason(parts: tuple[str, ...]) -> str | None:
+def junk_reason(parts: tuple[str, ...]) -> str | None:
+    """Why an entry (its path's parts) is OS junk to skip, or None: resource forks, folder
+    metadata, hidden files, Windows thumbnails. Also what ferflow.data.packing leaves out."""
     if "__MACOSX" in parts:
         return "macOS resource fork"
     if parts[-1] == ".DS_Store":

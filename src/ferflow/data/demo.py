@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ferflow.config import DemoSettings
+from ferflow.data.packing import write_zip
 from ferflow.fileio import atomic_write_bytes
 from ferflow.labels import CLASSES
 
@@ -34,7 +34,6 @@ _JUNK = {
     "M-LFW-FER/.DS_Store": b"\x00\x00\x00\x01Bud1" + bytes(26),
     "__MACOSX/M-LFW-FER/._M-LFW-FER": b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(10),
 }
-_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 _MASK_COLOURS = ((173, 216, 236), (150, 200, 230), (236, 238, 240), (40, 40, 46))
 _HAIR_COLOURS = ((25, 20, 18), (60, 40, 25), (110, 75, 40), (200, 165, 100), (150, 70, 35), (170, 170, 165))
 
@@ -255,13 +254,7 @@ def _plan(settings: DemoSettings) -> list[tuple[str, str, list[str]]]:
 
 def _zip_bytes(entries: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name in sorted(entries):
-            info = zipfile.ZipInfo(name, date_time=_ZIP_TIME)
-            info.create_system = 3
-            info.external_attr = 0o644 << 16
-            info.compress_type = zipfile.ZIP_STORED  # JPEG is already compressed
-            zf.writestr(info, entries[name])
+    write_zip(buf, sorted(entries.items()))
     return buf.getvalue()
 
 

@@ -105,7 +105,9 @@ def holding_pins(specs: Iterable[ArchiveSpec], lock: Lock) -> dict[str, DvcPin]:
     holding = {}
     for spec in specs:
         pin = pins.get(spec.name)
-        if pin is None:
+        if pin is None or spec.sha256 is None:
+            # No sha256: a local source known by the digest its fetch recorded
+            # (ferflow.data.digests); a pin says nothing about which content that is.
             continue
         if pin.sha256 and pin.sha256 != spec.sha256.lower():
             log.info("%s: dvc.lock pins md5 %s for sha256 %s, but params give sha256 %s; the pin is stale and "

@@ -2,7 +2,8 @@
 
 https/http (retries with capped exponential backoff, resume with Range requests), Google
 Drive (through gdown), S3 (boto3's credential chain and endpoint settings) and local files
-(a path or a file:// URI). `fetcher_for` picks one; ferflow.data.sources decides where the
+(a path or a file:// URI; a folder is packed into a deterministic zip, ferflow.data.packing).
+`fetcher_for` picks one; ferflow.data.sources decides where the
 `.part` goes, verifies it and renames it into place.
 """
 
@@ -21,7 +22,8 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Optional
 
 import requests
 
-from ferflow.config import FetchSettings
+from ferflow.config import FetchSettings, uri_scheme
+from ferflow.data.packing import pack_folder
 from ferflow.errors import FerflowError
 from ferflow.redact import redact_uri
 
@@ -52,7 +54,7 @@ Fetcher = Callable[[str, Path, Optional[int], FetchSettings], Optional[bool]]
 
 def fetcher_for(uri: str) -> Fetcher:
     """The fetcher of `uri`'s scheme; an unsupported scheme is an error."""
-    scheme = urllib.parse.urlsplit(uri).scheme.lower() if "://" in uri or uri.startswith("file:") else ""
+    scheme = uri_scheme(uri)
     if scheme == "gdrive":
         return _fetch_gdrive
     if scheme in ("http", "https"):
@@ -271,11 +273,16 @@ def local_path(uri: str) -> Path:
 
 
 def _fetch_file(uri: str, part: Path, size: Optional[int], settings: FetchSettings) -> None:
+    """A local zip is copied; a local folder is packed into a deterministic zip (ferflow.data.packing)."""
     source = local_path(uri)
+    if source.is_dir():
+        count = pack_folder(source, part)
+        log.info("packed %d files of folder %s", count, source)
+        return
     if not source.is_file():
         raise FerflowError(
             f"source archive not found: {source.resolve()} (from uri {uri!r}; relative paths are "
-            f"resolved against {Path.cwd()}). Check the uri in data.archives (params.yaml)"
+            f"resolved against {Path.cwd()}); expected a zip or a folder. Check the uri in data.archives (params.yaml)"
         )
     with open(source, "rb") as src, open(part, "wb") as fh:
         with _progress(part.stem, _size(source), settings) as advance:

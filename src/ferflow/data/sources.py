@@ -12,6 +12,12 @@ once more from zero, and only a fresh download that still mismatches blames the 
 A verified archive gets a hidden stamp `.<name>.zip.verified` (size, mtime_ns, sha256) so
 that later runs skip re-hashing while size and mtime are unchanged.
 
+Local sources (a path or file://; a zip, or a folder packed into one by ferflow.data.packing)
+are held to their sha256 only: `size` is not checked for them (it serves remote downloads).
+One without a sha256 in params is read on every fetch and held to the digest recorded at
+its first fetch (ferflow.data.digests); remote sources always need a sha256 (params refuse
+them otherwise).
+
 The per-scheme transfers (retries, Range resume, gdown, boto3) are in ferflow.data.fetchers.
 """
 
@@ -27,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from ferflow.config import ArchiveSpec, FetchSettings
+from ferflow.config import ArchiveSpec, FetchSettings, is_local_uri
+from ferflow.data import digests
 from ferflow.data.fetchers import ResumableFailure, fetcher_for, local_path
 from ferflow.errors import FerflowError
 from ferflow.fileio import atomic_write_text, sha256_file
@@ -44,6 +51,7 @@ class FetchResult:
     size: int
     downloaded: bool  # False when an already-verified file was reused
     from_dvc_remote: bool = False  # the bytes came from the DVC remote by md5, not the params URI
+    record: Optional[Path] = None  # unpinned local source: where its digest is recorded (ferflow.data.digests)
 
 
 class _Mismatch(FerflowError):
@@ -65,6 +73,9 @@ def fetch_archive(spec: ArchiveSpec, dest_dir: Path, settings: FetchSettings) ->
     dest_dir = Path(dest_dir)
     dest = dest_dir / f"{spec.name}.zip"
     fetcher = fetcher_for(spec.uri)  # a bad uri is reported even when the file is present
+    spec = _local_without_size(spec)
+    if spec.sha256 is None:
+        return _fetch_unpinned(spec, dest, fetcher, settings)
     if dest.is_file():
         if _already_verified(dest, spec, settings.chunk_bytes):
             log.info("%s: %s already verified, not downloading", spec.name, dest)
@@ -90,6 +101,46 @@ def fetch_archive(spec: ArchiveSpec, dest_dir: Path, settings: FetchSettings) ->
     digest = _through_part(part, dest, fetch, verify, spec.name)
     _write_stamp(dest, digest)
     return FetchResult(spec.name, dest, digest, dest.stat().st_size, downloaded=True)
+
+
+def _local_without_size(spec: ArchiveSpec) -> ArchiveSpec:
+    """A local source is held to its sha256 alone: `size` serves remote downloads (resume
+    bounds, the pipeline's disks), and a size left in params from the archive a --set uri
+    replaced would only fail a good file."""
+    if spec.size is None or not is_local_uri(spec.uri):
+        return spec
+    log.debug("%s: size %d in params is not checked for a local source", spec.name, spec.size)
+    return spec.model_copy(update={"size": None})
+
+
+def _fetch_unpinned(spec: ArchiveSpec, dest: Path, fetcher, settings: FetchSettings) -> FetchResult:
+    """A local source without a sha256 in params: fetched (copied, or packed from a folder)
+    on every run, since only its content says what it is, and held to the digest recorded at
+    its first fetch (ferflow.data.digests), which it records when there is none."""
+    recorded = digests.recorded_sha256(dest.parent, spec.name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(f"{dest.name}.part")
+    try:
+        fetcher(spec.uri, part, None, settings)
+        digest = sha256_file(part, settings.chunk_bytes)
+        if recorded is not None and digest != recorded:
+            raise digests.changed_error(dest.parent, spec, recorded, digest)
+        pinned = spec.model_copy(update={"sha256": digest})
+        reused = dest.is_file() and _already_verified(dest, pinned, settings.chunk_bytes)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    if reused:
+        part.unlink()
+    else:
+        os.replace(part, dest)
+        _write_stamp(dest, digest)
+    size = dest.stat().st_size
+    if recorded is None:
+        where = digests.record(dest.parent, spec, digest, size)
+        log.info("%s: no sha256 in params; recorded the content's sha256 %s in %s", spec.name, digest, where)
+    return FetchResult(spec.name, dest, digest, size, downloaded=not reused,
+                       record=digests.record_path(dest.parent, spec.name))
 
 
 def download(uri: str, dest: Path, settings: FetchSettings, expected_sha256: str | None = None) -> str:
@@ -206,10 +257,12 @@ def archives_from_checksums(sums_file: Path) -> dict[str, dict]:
 
 
 def verify_file(path: Path, spec: ArchiveSpec, chunk: int = 1 << 20) -> None:
-    """Check an archive already on disk against params before a later stage trusts it."""
-    if not _already_verified(Path(path), spec, chunk):
+    """Check an archive already on disk against params (or the digest recorded for an
+    unpinned local source: ferflow.data.digests.with_recorded_digests) before a stage trusts it."""
+    expected = spec.require_sha256()
+    if not _already_verified(Path(path), _local_without_size(spec), chunk):
         raise FerflowError(
-            f"{path}: does not match sha256 {spec.sha256} of '{spec.name}' in data.archives; "
+            f"{path}: does not match sha256 {expected} of '{spec.name}' in data.archives; "
             "run `ferflow fetch` to replace it"
         )
 

@@ -21,6 +21,7 @@ import torch
 from ferflow import fileio, layout
 from ferflow.config import Params
 from ferflow.data.cache import CachedSplit
+from ferflow.errors import FerflowError
 from ferflow.evaluation.gallery import write_error_gallery
 from ferflow.evaluation.metrics import compute_metrics, write_evaluation
 from ferflow.labels import CLASSES
@@ -44,7 +45,7 @@ def evaluate_run(params: Params, dataset: str, model_name: str, eval_datasets: O
     info, size = predictor.info, predictor.preprocess.size
     out_root = layout.eval_dir(params.evaluate.out_dir, dataset, model_name)
     meta = {"model": model_name, "train_dataset": dataset, "stage": layout.FINE_TUNED, "input_size": size}
-    eval_datasets = eval_datasets_for(params, dataset) if eval_datasets is None else eval_datasets
+    eval_datasets = list(eval_datasets or []) or prepared_eval_datasets(params, dataset, size)
     baseline = _zero_shot_probs(params, model_name, device, expected_sha256=info.get("weights_sha256"), size=size)
     batch = params.evaluate.batch_size
     summary = _evaluate_each(params, out_root, eval_datasets, size, meta,
@@ -55,6 +56,42 @@ def evaluate_run(params: Params, dataset: str, model_name: str, eval_datasets: O
     return summary
 
 
+def preflight_run(params: Params, dataset: str, model_name: str,
+                  eval_datasets: Optional[Iterable[str]] = None) -> list[str]:
+    """What `evaluate_run` needs, checked before MLflow is contacted or anything computed: the
+    trained run, and each eval dataset's cache of the eval split at the run's input size.
+    Returns the eval datasets: those given, else the default ones that are prepared."""
+    from ferflow.training.trainer import require_prepared
+
+    run_dir = layout.run_dir(params.require_train().out_dir, dataset, model_name)
+    layout.trained_files(run_dir)
+    size = int(layout.read_run_info(run_dir)["input_size"])
+    names = list(eval_datasets or [])
+    for eval_ds in names:
+        require_prepared(params.data.prepared_dir, eval_ds, size, [params.evaluate.split])
+    return names or prepared_eval_datasets(params, dataset, size)
+
+
+def prepared_eval_datasets(params: Params, dataset: Optional[str], size: int) -> list[str]:
+    """The default eval datasets (`eval_datasets_for`) whose eval split is prepared at `size`:
+    a user who prepared only their own archive evaluates on it. Each one left out is logged
+    with the reason, one line; FerflowError when none is left."""
+    from ferflow.training.trainer import require_prepared
+
+    kept = []
+    for name in eval_datasets_for(params, dataset):
+        try:
+            require_prepared(params.data.prepared_dir, name, size, [params.evaluate.split])
+        except FerflowError as exc:
+            log.warning("evaluate: skipping %s: %s", name, exc)
+            continue
+        kept.append(name)
+    if not kept:
+        raise FerflowError(f"no dataset is prepared at size {size} to evaluate on; run `ferflow prepare` "
+                           f"with {size} in prepare.image_sizes")
+    return kept
+
+
 def eval_datasets_for(params: Params, dataset: Optional[str] = None) -> list[str]:
     """Every archive's eval split; a union's own (all members' eval images) is added for a
     model trained on that union: its in-domain result."""
@@ -62,13 +99,13 @@ def eval_datasets_for(params: Params, dataset: Optional[str] = None) -> list[str
     return [*names, dataset] if dataset in params.data.unions else names
 
 
-def _evaluate_each(params: Params, out_root: Path, eval_datasets: Optional[Iterable[str]], size: int,
+def _evaluate_each(params: Params, out_root: Path, eval_datasets: Iterable[str], size: int,
                    meta: dict, probs_for, baseline=None) -> dict:
     """Probabilities from `probs_for(split)` on each dataset's eval split, written as
     evaluation files under `out_root/<dataset>/`, plus the summary beside `out_root`;
     with `baseline` (a zero-shot `probs_for`), its accuracy and macro-F1 on the same split."""
     summary = {}
-    for eval_ds in eval_datasets or eval_datasets_for(params):
+    for eval_ds in eval_datasets:
         data_dir = layout.prepared_dir(params.data.prepared_dir, eval_ds)
         split = CachedSplit(data_dir, params.evaluate.split, size)
         probs = probs_for(split)
@@ -126,4 +163,5 @@ def evaluate_zero_shot(params: Params, model_name: str, eval_datasets: Optional[
         return {}
     meta = {"model": model_name, "train_dataset": layout.NO_TRAIN_DATASET, "stage": layout.ZERO_SHOT,
             "surprise": params.evaluate.surprise}
+    eval_datasets = list(eval_datasets or []) or prepared_eval_datasets(params, None, size)
     return _evaluate_each(params, out_root, eval_datasets, size, meta, probs_for)

@@ -1,12 +1,14 @@
 """The results report: every evaluation's metrics.json gathered into one long table, the
 models × datasets table beside the seed's published accuracies and the zero-shot baseline,
-and one cross-dataset matrix per model, written as Markdown and CSV."""
+and one cross-dataset matrix per model, written as Markdown and CSV. Every row names where
+it comes from (`source`): a training run's evaluation files, or a registered version."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -25,7 +27,8 @@ SEED_RESULTS: dict[str, dict[str, float]] = {
     "enet_b2_8": {"LFW-FER": 87.4676, "M-LFW-FER": 56.1039, "M-LFW-FER-face-cut": 76.9167},
 }
 DATASET_ORDER = ("LFW-FER", "M-LFW-FER", "M-LFW-FER-face-cut")
-COLUMNS = ["stage", "model", "train_dataset", "eval_dataset", "accuracy", "macro_f1", "balanced_accuracy", "n"]
+COLUMNS = ["stage", "model", "train_dataset", "eval_dataset", "accuracy", "macro_f1", "balanced_accuracy", "n",
+           "source"]
 QUANTITIES = ("ours", "seed", "zero_shot", "ours_minus_seed", "ours_minus_zero_shot",
               "ours_f1", "zero_shot_f1", "ours_minus_zero_shot_f1")
 MISSING = "–"
@@ -39,6 +42,13 @@ GALLERY_NOTE = (
     "The most confident mistakes per true class, as faces: `errors.png` beside `confusion.png` in each "
     "evaluation's folder, both also logged to the training's MLflow run (named `<train dataset>/<model>`) "
     "under `evaluation/<eval dataset>/`; in Kubeflow, each evaluate task's `gallery` output shows the in-domain pair.\n"
+)
+SOURCE_NOTE = (
+    "`run <train dataset>/<model>`: the latest evaluation files of that training run (`ferflow report`). "
+    "`models:/<name>/<version>`: the metrics recorded on that registered version when it was registered "
+    "(`ferflow report --from-registry`: the champion, else the newest version of each model). The two differ "
+    "when a run was retrained or re-evaluated after its version was registered, or when the champion is an older "
+    "version than the run's latest; `ferflow registry` lists every version.\n"
 )
 
 
@@ -79,6 +89,7 @@ def collect_results(eval_root: Path) -> pd.DataFrame:
             raise FerflowError(f"{path}: expected a JSON object; re-run this evaluation")
         stage, train_dataset, model, eval_dataset, _ = rel.parts
         balanced = data.get("balanced_accuracy")
+        source = f"run {train_dataset}/{model}" if stage == layout.FINE_TUNED else f"zero-shot {model}"
         rows.append(
             {
                 "stage": stage,
@@ -89,6 +100,7 @@ def collect_results(eval_root: Path) -> pd.DataFrame:
                 "macro_f1": _number(data, "macro_f1", path),
                 "balanced_accuracy": float(balanced) if isinstance(balanced, (int, float)) else math.nan,
                 "n": int(_number(data, "n", path)),
+                "source": source,
             }
         )
     rows.extend(_baselines(root, {(r["model"], r["eval_dataset"]) for r in rows if r["stage"] == layout.ZERO_SHOT}))
@@ -111,7 +123,7 @@ def _baselines(root: Path, have: set[tuple[str, str]]) -> list[dict]:
             found[key] = {"stage": layout.ZERO_SHOT, "model": path.stem, "train_dataset": layout.NO_TRAIN_DATASET,
                           "eval_dataset": eval_dataset, "accuracy": _number(values, "baseline_accuracy", path),
                           "macro_f1": _number(values, "baseline_macro_f1", path), "balanced_accuracy": math.nan,
-                          "n": int(values.get("n", 0))}
+                          "n": int(values.get("n", 0)), "source": f"run {path.parent.name}/{path.stem}"}
     return [found[k] for k in sorted(found)]
 
 
@@ -190,18 +202,28 @@ def _cell(text: object) -> str:
     return str(text).replace("|", "\\|")
 
 
-def markdown_table(header: list[str], rows: list[list[str]], numeric_from: int = 1) -> str:
-    """A GitHub Markdown table; columns from numeric_from on are right-aligned."""
-    align = ["---" if i < numeric_from else "---:" for i in range(len(header))]
+def markdown_table(header: list[str], rows: list[list[str]], numeric_from: int = 1, text_last: bool = False) -> str:
+    """A GitHub Markdown table; columns from numeric_from on are right-aligned, but for the
+    last with `text_last` (a source column, say)."""
+    numeric_to = len(header) - 1 if text_last else len(header)
+    align = ["---:" if numeric_from <= i < numeric_to else "---" for i in range(len(header))]
     lines = [header, align, *rows]
     return "\n".join("| " + " | ".join(_cell(c) for c in line) + " |" for line in lines) + "\n"
 
 
-def render_markdown(df: pd.DataFrame) -> str:
+def _sources(df: pd.DataFrame) -> dict[tuple, str]:
+    """(stage, model, train dataset, eval dataset) -> where the row comes from."""
+    if "source" not in df.columns:
+        return {}
+    return {(r.stage, r.model, r.train_dataset, r.eval_dataset): str(r.source) for r in df.itertuples(index=False)}
+
+
+def render_markdown(df: pd.DataFrame, notes: Sequence[str] = ()) -> str:
+    """The report; `notes`: why figures differ from another source (`compare_with_files`)."""
     parts = ["# Results\n", f"{NOTE}\n"]
     if df.empty:
         return "\n".join([*parts, "No evaluation results found.\n"])
-    table = results_table(df)
+    table, sources = results_table(df), _sources(df)
     rows = []
     for dataset in table.columns.get_level_values("dataset").unique():
         for model, values in table[dataset].iterrows():
@@ -210,7 +232,9 @@ def render_markdown(df: pd.DataFrame) -> str:
             rows.append(
                 [dataset, model, _pct(values["ours"]), _pct(values["seed"]), _delta(values["ours_minus_seed"]),
                  _pct(values["zero_shot"]), _delta(values["ours_minus_zero_shot"]),
-                 _pct(values["ours_f1"]), _pct(values["zero_shot_f1"]), _delta(values["ours_minus_zero_shot_f1"])]
+                 _pct(values["ours_f1"]), _pct(values["zero_shot_f1"]), _delta(values["ours_minus_zero_shot_f1"]),
+                 sources.get((layout.FINE_TUNED, model, dataset, dataset))
+                 or sources.get((layout.ZERO_SHOT, model, layout.NO_TRAIN_DATASET, dataset), MISSING)]
             )
     parts.append("## Accuracy and macro-F1 (%) on each dataset's eval split\n")
     parts.append(
@@ -220,17 +244,24 @@ def render_markdown(df: pd.DataFrame) -> str:
         'given beside it because the classes are imbalanced.\n'
     )
     header = ["dataset", "model", "ours", "seed", "ours − seed", "zero-shot", "ours − zero-shot",
-              "ours F1", "zero-shot F1", "ours − zero-shot F1"]
-    parts.append(markdown_table(header, rows, numeric_from=2))
+              "ours F1", "zero-shot F1", "ours − zero-shot F1", "from"]
+    parts.append(markdown_table(header, rows, numeric_from=2, text_last=True))
+    parts.append(f'"from": where "ours" (else "zero-shot") comes from. {SOURCE_NOTE}')
+    if notes:
+        parts.append("## Registry and evaluation files differ\n")
+        parts.append("".join(f"- {note}\n" for note in notes))
     tuned_models = sorted(set(df.loc[df["stage"] == layout.FINE_TUNED, "model"]))
     if tuned_models:
         parts.append("## Cross-dataset accuracy (%)\n")
         parts.append("Rows: dataset trained on; columns: dataset evaluated on (eval split). Diagonal: in-domain.\n")
     for model in tuned_models:
         matrix = cross_dataset_matrix(df, model)
-        body = [[train, *(_pct(v) for v in values)] for train, values in matrix.iterrows()]
+        body = [[train, *(_pct(v) for v in values),
+                 next((v for k, v in sources.items() if k[:3] == (layout.FINE_TUNED, model, train)), MISSING)]
+                for train, values in matrix.iterrows()]
         parts.append(f"### {model}\n")
-        parts.append(markdown_table(["trained on ↓ / evaluated on →", *matrix.columns], body))
+        header = ["trained on ↓ / evaluated on →", *matrix.columns, "from"]
+        parts.append(markdown_table(header, body, text_last=True))
     runs = df.loc[df["stage"] == layout.FINE_TUNED, ["train_dataset", "model", "eval_dataset"]]
     if not runs.empty:
         parts.append("## Error galleries\n")
@@ -243,11 +274,39 @@ def render_markdown(df: pd.DataFrame) -> str:
     return "\n".join(parts)
 
 
-def write_report(df: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
-    """results.md (tables) and results.csv (the long table, fractions) into out_dir."""
+def compare_with_files(registry: pd.DataFrame, eval_root: Path) -> list[str]:
+    """One note per registered (train dataset, model) whose fine-tuned figures differ from
+    the latest evaluation files under `eval_root`, naming both sources and saying why they
+    can; [] when they agree or there are no files here to compare with."""
+    if not Path(eval_root).is_dir():
+        return []
+    try:
+        files = collect_results(eval_root)
+    except FerflowError as exc:
+        return [f"the evaluation files were not compared: {exc}"]
+    keys = ["model", "train_dataset", "eval_dataset"]
+    both = registry[registry["stage"] == layout.FINE_TUNED].merge(
+        files[files["stage"] == layout.FINE_TUNED], on=keys, suffixes=("_registry", "_files"))
+    both = both[(both["accuracy_registry"] - both["accuracy_files"]).abs() > 1e-9]
+    notes = []
+    for (model, train), group in both.groupby(["model", "train_dataset"], sort=True):
+        registered = ", ".join(f"{100 * r.accuracy_registry:.2f} % on {r.eval_dataset}" for r in group.itertuples())
+        latest = ", ".join(f"{100 * r.accuracy_files:.2f} %" for r in group.itertuples())
+        notes.append(
+            f"`{train}/{model}` accuracy: {group['source_registry'].iloc[0]} records {registered}; the latest "
+            f"evaluation files ({group['source_files'].iloc[0]}) show {latest}. The registry keeps the metrics a "
+            "version was registered with; the "
+            "files hold the run's latest evaluation, so the run was retrained or re-evaluated after that version was "
+            "registered (or the version shown is an older champion). `ferflow register` makes a version of the run "
+            "as it is now; `ferflow promote` decides whether it serves.")
+    return notes
+
+
+def write_report(df: pd.DataFrame, out_dir: Path, notes: Sequence[str] = ()) -> dict[str, Path]:
+    """results.md (tables, with `notes`) and results.csv (the long table, fractions) into out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / layout.RESULTS_MD, "csv": out / layout.RESULTS_CSV}
-    atomic_write_text(paths["markdown"], render_markdown(df))
+    atomic_write_text(paths["markdown"], render_markdown(df, notes))
     atomic_write_text(paths["csv"], df.to_csv(index=False, lineterminator="\n"))
     return paths

@@ -17,6 +17,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
 from ferflow.errors import FerflowError
+from ferflow.layout import model_dir_name
 from ferflow.models.dan import DAN, FEAT_DIM, load_trunk
 from ferflow.models.heads import MEMBER_KEY, MappedHead
 from ferflow.models.weights import PretrainedWeights
@@ -78,11 +79,15 @@ ZOO: dict[str, ZooEntry] = {
 
 
 def resolve(name: str) -> ZooEntry:
+    """The zoo entry of a model name; `timm-<arch>` (its folder name, layout.model_dir_name,
+    which dvc.yaml's paths spell) is the same model as `timm:<arch>`."""
     name = name.strip()
     if name in ZOO:
         return ZOO[name]
-    if name.startswith(TIMM_PREFIX):
-        arch = name[len(TIMM_PREFIX):]
+    prefix = next((p for p in (TIMM_PREFIX, model_dir_name(TIMM_PREFIX)) if name.startswith(p)), None)
+    if prefix is not None:
+        arch = name[len(prefix):]
+        name = TIMM_PREFIX + arch
         if not timm.is_model(arch):
             raise FerflowError(f"model {name!r}: timm {timm.__version__} has no architecture {arch!r}")
         cfg = timm.get_pretrained_cfg(arch)

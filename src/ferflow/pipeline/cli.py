@@ -13,7 +13,9 @@ from typing import Annotated, Any, Callable, Optional, Union
 import typer
 from rich.console import Console
 
-from ferflow.commandline import params_option, set_option, typer_app
+from ferflow.commandline import (override_help, params_loader, params_option, set_option, typer_app,
+                                 with_parameters, with_verbose)
+from ferflow.config import Params
 from ferflow.errors import FerflowError
 from ferflow.pipeline import IMAGE_ENV, IMAGE_REPOSITORY
 from ferflow.pipeline.spec import DEFAULT_OUT, CompileOptions, PipelineDefaults, compile_pipeline, parse_node_selector
@@ -25,9 +27,8 @@ out = Console()
 err = Console(stderr=True)
 
 ParamsOpt = params_option("params file: the run's base params")
-RunSetOpt = set_option("override a params key for this run (repeatable)")
-JobParamsOpt = params_option("params file, put in the job's ConfigMap")
-JobSetOpt = set_option("override a params key (repeatable)")
+BaseSetOpt = set_option(override_help("train.models=[enet_b0_7]", "override a key of the base params"))
+RunSetOpt = set_option(override_help("train.datasets=[M-LFW-FER]", "override a params key for this run"))
 RepoOpt = Annotated[Path, typer.Option("--repo", help="the ferflow checkout holding pipelines/ and components/")]
 
 
@@ -111,7 +112,9 @@ def _compile_parameters() -> dict[str, tuple[inspect.Parameter, Optional[Callabl
             default = field.default
         else:  # a default_factory (the image: $FERFLOW_IMAGE): absent on the CLI, made by CompileOptions
             default, cli_type = None, Optional[cli_type]
-        option = typer.Option(compile_flag(field.name), *flag.aliases, help=flag.help, rich_help_panel=_PANEL,
+        # a bool field is a --x/--no-x flag, never a value to type
+        declared = compile_flag(field.name) + (f"/--no-{compile_flag(field.name)[2:]}" if cli_type is bool else "")
+        option = typer.Option(declared, *flag.aliases, help=flag.help, rich_help_panel=_PANEL,
                               show_default=flag.shown_default or True)
         parameter = inspect.Parameter(_PREFIX + field.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                       annotation=Annotated[cli_type, option])
@@ -145,19 +148,18 @@ def with_compile_options(command: Callable) -> Callable:
         values = {name: kwargs.pop(_PREFIX + name) for name in parameters}
         return command(*args, options=options_from_cli(values), **kwargs)
 
-    # typer reads both the signature and the annotations
-    wrapper.__signature__ = signature.replace(parameters=own + [p for p, _ in parameters.values()])
-    wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}
-    return wrapper
+    return with_parameters(wrapper, own + [p for p, _ in parameters.values()])
 
 
 # ---------------------------------------------------------------------------- commands
 
 @pipeline_app.command("compile")
+@with_verbose
 @with_compile_options
 def compile_(
     out_path: Annotated[Path, typer.Option("--out", "-o", help="YAML to write")] = DEFAULT_OUT,
     params: ParamsOpt = Path("params.yaml"),
+    set_: BaseSetOpt = None,
     dvc_lock: Annotated[Path, typer.Option(help="dvc.lock whose fetch entries pin the archives")] = Path("dvc.lock"),
     no_dvc: Annotated[bool, typer.Option("--no-dvc", help="do not pin archives to dvc.lock")] = False,
     dvc_remote: Annotated[
@@ -169,7 +171,7 @@ def compile_(
 ) -> None:
     """Compile the pipeline; parameter defaults come from params.yaml and dvc.lock."""
     defaults = PipelineDefaults.from_checkout(repo, params_file=params, dvc_lock=None if no_dvc else dvc_lock,
-                                              dvc_remote=dvc_remote)
+                                              dvc_remote=dvc_remote, overrides=set_ or [])
     path = compile_pipeline(out_path, options, defaults, repo)
     pinned = ", ".join(sorted(s.split("@", 1)[1] for s in defaults.dvc_lock.get("stages", {}))) or "none"
     out.print(f"compiled {path} (image {options.image}; archives pinned by dvc.lock: {pinned})")
@@ -184,6 +186,7 @@ def _cron(value: Optional[str]) -> Optional[str]:
 
 
 @pipeline_app.command()
+@with_verbose
 @with_compile_options
 def submit(
     host: Annotated[str, typer.Option("--host", help="Kubeflow Pipelines API endpoint, e.g. http://localhost:8080")],
@@ -244,6 +247,7 @@ def submit(
 
 
 @pipeline_app.command("image-tag")
+@with_verbose  # reads no params: the tag is a digest of the image's inputs alone
 def image_tag_() -> None:
     """Print the image reference this checkout's pipeline runs (`make image` builds it)."""
     from ferflow.pipeline import image_tag
@@ -255,6 +259,7 @@ def image_tag_() -> None:
 
 
 @pipeline_app.command("trainjob")
+@params_loader("params file, put in the job's ConfigMap", override_help("train.batch_size=64", "override a params key"))
 def trainjob(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="dataset to fine-tune on (data.archives/unions)")],
     model: Annotated[str, typer.Option("--model", "-m", help="zoo name (see `ferflow models`) or timm:<arch>")],
@@ -262,8 +267,8 @@ def trainjob(
     gpus_per_node: Annotated[int, typer.Option("--gpus-per-node", help="GPUs, and so ranks, per node (0: CPU)")] = 1,
     image: Annotated[Optional[str], typer.Option("--image", help="container image [default: $FERFLOW_IMAGE, else "
                                                  "this checkout's (`ferflow pipeline image-tag`)]")] = None,
-    params: JobParamsOpt = Path("params.yaml"),
-    set_: JobSetOpt = None,
+    *,
+    cfg: Params,  # a bad params file fails here, not in a pod
     out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="YAML to write [default: stdout]")] = None,
     name: Annotated[Optional[str], typer.Option(help="TrainJob name [default: ferflow-DATASET-MODEL]")] = None,
     namespace: Annotated[Optional[str], typer.Option(help="namespace [default: kubectl's]")] = None,
@@ -277,11 +282,9 @@ def trainjob(
     s3_secret: Annotated[str, typer.Option(help="Secret with AWS_* keys ('' = none)")] = "ferflow-s3",
 ) -> None:
     """Write a Kubeflow Trainer TrainJob (plus its params ConfigMap) that trains on several nodes."""
-    from ferflow.config import load_params
     from ferflow.pipeline import configured_image
     from ferflow.pipeline.trainjob import dump_documents, trainjob_documents
 
-    cfg = load_params(params, set_ or [])  # a bad params file fails here, not in a pod
     documents = trainjob_documents(
         cfg, dataset=dataset, model=model, name=name, namespace=namespace, image=configured_image() if image is None else image,
         num_nodes=nodes, gpus_per_node=gpus_per_node, cpu=cpu, memory=memory, accelerator=accelerator,

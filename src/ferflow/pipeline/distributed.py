@@ -156,6 +156,7 @@ def _run_dir(params: Params, dataset: str, model: str, workdir: Path) -> Path:
 def resume_epoch(params: Params, dataset: str, model: str, run_dir: Path) -> int:
     """The epoch a training of (dataset, model) with `params` in `run_dir` resumes after, by
     the trainer's own rule: that of its last.pt when it holds the same recipe, else 0."""
+    from ferflow.data.digests import with_recorded_digests
     from ferflow.training import checkpoint as ckpt
     from ferflow.training.trainer import recipe_hash
 
@@ -166,7 +167,8 @@ def resume_epoch(params: Params, dataset: str, model: str, run_dir: Path) -> int
         state = ckpt.load_last(path)
     except Exception:  # unreadable: the trainer will fail or restart on it, not us
         return 0
-    return int(state.get("epoch", 0)) if state.get("recipe") == recipe_hash(params, dataset, model) else 0
+    recipe = recipe_hash(with_recorded_digests(params, [dataset]), dataset, model)
+    return int(state.get("epoch", 0)) if state.get("recipe") == recipe else 0
 
 
 def read_result(run_dir: Path, resumed_from_epoch: int = 0):

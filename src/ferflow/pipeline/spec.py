@@ -18,11 +18,12 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import yaml
 
-from ferflow.config import load_params, read_yaml
+from ferflow.config import apply_override, parse_override, read_yaml, validate
+from ferflow.data.digests import with_recorded_digests
 from ferflow.errors import FerflowError
 from ferflow.fileio import atomic_path
 from ferflow.redact import redact_tree, redact_uri
@@ -109,16 +110,27 @@ class PipelineDefaults:
         params_file: Optional[Path] = None,
         dvc_lock: Optional[Path] = Path("dvc.lock"),
         dvc_remote: Optional[str] = None,
+        overrides: Sequence[str] = (),
     ) -> "PipelineDefaults":
-        """params.yaml (validated), dvc.lock's fetch entries (absent file: no pinning; None:
-        pinning off) and the DVC remote (`dvc_remote`, else `.dvc/config`'s default)."""
+        """params.yaml with `overrides` (--set) applied, validated; dvc.lock's fetch entries
+        (absent file: no pinning; None: pinning off) and the DVC remote (`dvc_remote`, else
+        `.dvc/config`'s default)."""
         repo = Path(repo)
         params_path = Path(params_file) if params_file else repo / "params.yaml"
-        params = load_params(params_path)
+        tree = read_yaml(params_path)
+        # Applied to the file's own tree, not dumped from Params: the base params stay the
+        # keys the file (and --set) gives, without every default spelled out.
+        for text in overrides:
+            keys, value = parse_override(text)
+            apply_override(tree, keys, value, origin=f"--set {'.'.join(keys)}")
+        params = validate(tree, origin=str(params_path))
+        # A local source without sha256 goes in with the digest its fetch recorded: the
+        # pipeline's tasks can only check, and fetch by, a pinned digest.
+        params = with_recorded_digests(params, params.data.archives)
         train = params.require_train()
         # The compiled file is committed and shared: URIs go in with their credentials masked
         # (a masked archive URI fails its fetch with a message saying how to pass the real one).
-        base = _redacted(read_yaml(params_path), params_path)
+        base = _redacted(tree, params_path)
         archives = redact_tree({n: src.model_dump(mode="json", exclude_none=True)
                                 for n, src in params.data.archives.items()})
         return cls(

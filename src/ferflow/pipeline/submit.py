@@ -37,6 +37,7 @@ from typing import Iterable, Optional
 import yaml
 
 from ferflow.config import load_params
+from ferflow.data.digests import with_recorded_digests
 from ferflow.errors import FerflowError
 from ferflow.pipeline.glue import matrix
 from ferflow.pipeline.spec import CompileOptions, PipelineDefaults, compile_pipeline
@@ -81,7 +82,8 @@ class _Upload:
 def run_arguments(params_file: Path, overrides: Iterable[str]) -> dict:
     """Pipeline arguments for a run of `params_file` + overrides (validated here)."""
     overrides = list(overrides)
-    params = load_params(params_file, overrides)
+    # Local sources without sha256 are passed with the digest their fetch recorded.
+    params = with_recorded_digests(load_params(params_file, overrides), [])
     train = params.require_train()
     return {
         "archives": {n: s.model_dump(mode="json", exclude_none=True) for n, s in params.data.archives.items()},

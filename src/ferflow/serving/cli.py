@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ferflow.commandline import params_loader, typer_app
+from ferflow.commandline import params_loader, typer_app, with_verbose
 from ferflow.config import Params
 from ferflow.serving.kserve.manifest import DEFAULT_CPU, DEFAULT_MEMORY, GPU_RESOURCE, ServeOptions, manifest
 from ferflow.serving.kserve.validation import KIND, SCALE_METRICS, ManifestError, first_line, validate
@@ -18,7 +18,8 @@ from ferflow.serving.kserve.validation import KIND, SCALE_METRICS, ManifestError
 serve_app = typer_app("serve", "Serving on Kubernetes: KServe InferenceService manifests for registered models.")
 
 # `serve manifest` reads only the registry's tracking URI from params.
-with_tracking_params = params_loader("params file (YAML): the tracking URI", "override a key (repeatable)")
+with_tracking_params = params_loader("params file (YAML): the tracking URI",
+                                     example="tracking.tracking_uri=http://mlflow:5000")
 
 
 @serve_app.command("manifest")
@@ -85,6 +86,7 @@ def manifest_cmd(
 
 
 @serve_app.command("validate")
+@with_verbose  # reads no params: offline checks of the documents alone
 def validate_cmd(
     files: Annotated[list[Path], typer.Argument(
         metavar="FILE", help="InferenceService YAML files (several documents each allowed)")],

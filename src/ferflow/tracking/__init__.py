@@ -12,7 +12,9 @@
     card          the model card of a version
     promotion     the promotion policy: `decide`, pure
     aliases       promote / rollback: moving the aliases by that policy
+    history       the promotion log: every decision, appended to the registered model
     queries       reading the registry back: versions, evaluations, the report's results
+    overview      what `ferflow registry` shows: versions, aliases, metrics, the log
 
 Everything here imports mlflow lazily or is imported only when `tracking.enabled` is true,
 so training and evaluation run without MLflow at all."""

@@ -38,6 +38,7 @@ def model_card(name: str, info: dict, dataset: str, tags: dict, evaluation: Eval
         "|---|---|",
         f"| model | `{info['model']}` (architecture `{tags.get('model.arch', '?')}`, input {info['input_size']} px) |",
         f"| base checkpoint | {base}" + (f" (sha256 `{base_sha[:16]}…`)" if base_sha != "none" else "") + " |",
+        f"| initial weights | {info.get('init') or ('random' if base == 'none' else 'pretrained')} |",
         f"| training data | {dataset} (archive sha256 `{tags.get('dataset.archive_sha256', '?')[:16]}…`) |",
         f"| recipe | `{tags.get('recipe.hash', '?')}` (ferflow {tags.get('ferflow.version', '?')}, "
         f"git `{tags.get('git.commit', '?')[:12]}`) |",

@@ -2,6 +2,14 @@
 
 Its id in `FERFLOW_PARENT_RUN_ID` (or `parent_run_id=` of `runs.MlflowTrainCallback`) makes
 every training run started under it its child.
+
+A parent under which no run started (an up-to-date `dvc repro`) is deleted when the block
+succeeds, so it never shows. Created first and removed at the end rather than created by
+its first child: the id is exported before any child starts (children in parallel
+processes need no coordination), and the count is taken once the command has exited, when
+no child of it can still attach. A failed block keeps its parent (FAILED) as the record of
+that invocation; a wrapper killed outright leaves it RUNNING, as any MLflow run would be.
+Deletion is MLflow's: the run moves to the deleted view (`mlflow gc` purges it).
 """
 
 from __future__ import annotations
@@ -46,18 +54,35 @@ def start_parent_run(params: Params, name: str) -> str:
     return run.info.run_id
 
 
-def end_parent_run(params: Params, run_id: str, status: str = "FINISHED") -> None:
+def end_parent_run(params: Params, run_id: str, status: str = "FINISHED", drop_if_childless: bool = False) -> bool:
+    """End the parent run; with `drop_if_childless`, delete it when no run names it as its
+    parent. Returns whether it was deleted."""
     client = service.configure(params)
     try:
         client.set_terminated(run_id, status)
+        if drop_if_childless and not has_children(client, run_id):
+            client.delete_run(run_id)
+            return True
     except Exception as exc:
         raise FerflowError(f"cannot end MLflow parent run {run_id}: {describe_error(exc)}") from None
+    return False
+
+
+def has_children(client, run_id: str) -> bool:
+    """Whether any run (deleted ones too) of the parent's experiment is nested under it."""
+    from mlflow.entities import ViewType
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    experiment_id = client.get_run(run_id).info.experiment_id
+    return bool(client.search_runs([experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}'",
+                                   run_view_type=ViewType.ALL, max_results=1))
 
 
 @contextmanager
 def parent_run(params: Params, name: str) -> Iterator[str]:
     """A parent run for the block, exported as FERFLOW_PARENT_RUN_ID to it (and to the
-    subprocesses it starts); ended FINISHED, or FAILED when the block raises."""
+    subprocesses it starts); ended FINISHED (deleted when no run was started under it), or
+    FAILED when the block raises."""
     run_id = start_parent_run(params, name)
     before = os.environ.get(PARENT_RUN_ENV)
     os.environ[PARENT_RUN_ENV] = run_id
@@ -71,6 +96,7 @@ def parent_run(params: Params, name: str) -> Iterator[str]:
         else:
             os.environ[PARENT_RUN_ENV] = before
         try:
-            end_parent_run(params, run_id, status)
+            if end_parent_run(params, run_id, status, drop_if_childless=status == "FINISHED"):
+                log.info("MLflow parent run %s (%s): no run started under it; deleted", run_id, name)
         except FerflowError as exc:
             log.warning("%s", exc)

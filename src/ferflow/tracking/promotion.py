@@ -10,6 +10,8 @@ Aliases only (stages are deprecated since MLflow 2.9):
 A candidate is compared with the champion on the same evaluation data only (the
 `eval.manifest_sha256` and `eval.split` tags), must beat it strictly, by at least
 `min_delta`, and must not score below the zero-shot accuracy of its own base checkpoint.
+With no champion yet, the first must beat that zero-shot start on the gate metric where
+one was recorded, else reach a floor above chance (`registry.first_champion_min`).
 Every decision, promoted or refused, becomes `promotion.*` tags (`PromotionDecision.tags`).
 """
 
@@ -103,13 +105,14 @@ def contenders(versions: list, aliases: dict[str, str]) -> tuple:
 
 
 def decide(name: str, champion, challenger, candidates: list, metric: str, min_delta: float, force: bool,
-           at: Optional[str] = None) -> PromotionDecision:
+           at: Optional[str] = None, *, first_min: float = 0.0) -> PromotionDecision:
     """The decision on `candidates` (see `contenders`) against `champion` on `metric`.
 
     The best candidate must be strictly better than the champion, by at least `min_delta`,
     on the champion's evaluation data; a challenger evaluated on other data is refused as
     not comparable. Without a champion, the best candidate evaluated on the newest
-    candidate's data wins. A version below its starting point (`below_starting_point`) is
+    candidate's data that clears `first_bar` (its zero-shot start on `metric`, else
+    `first_min`) wins. A version below its starting point (`below_starting_point`) is
     refused. `force` skips the gate (the challenger first); it is still recorded. `at`:
     the decision's time (default now).
     """
@@ -144,10 +147,16 @@ def decide(name: str, champion, challenger, candidates: list, metric: str, min_d
         return verdict("promoted", target[0], target[1],
                        f"forced: gate skipped (champion {_vname(champion)} {metric} {_fmt(champ_value)})")
     if champion is None:
-        best, value = _best_on_newest_data(scored)
-        pool = sum(data_key(v) == data_key(best) for v, _ in scored)
-        return verdict("promoted", best, value, f"no champion: best {metric} {value:.6g} among {pool} "
-                       f"candidate(s) evaluated on manifest {data_key(best)[0][:12]}")
+        pool = _newest_data(scored)
+        cleared = [s for s in pool if first_bar(s[0], s[1], metric, first_min)[0]]
+        if not cleared:  # report on the version asked about, else the best that fell short
+            best, value = next((s for s in pool if s[0] is challenger), None) or _best(pool)
+            return verdict("refused", best, value, f"no champion yet, and v{best.version} "
+                           f"{first_bar(best, value, metric, first_min)[1]}; promote with --force to override")
+        best, value = _best(cleared)
+        return verdict("promoted", best, value, f"no champion: v{best.version} is the best of {len(pool)} "
+                       f"candidate(s) evaluated on manifest {data_key(best)[0][:12]}, and its "
+                       f"{first_bar(best, value, metric, first_min)[1]}")
     champ_key = data_key(champion)
     if challenger is not None and data_key(challenger) != champ_key:
         other = data_key(challenger)
@@ -160,7 +169,7 @@ def decide(name: str, champion, challenger, candidates: list, metric: str, min_d
         return PromotionDecision(action="refused", reason=(
             f"no candidate evaluated on the champion's data (manifest {champ_key[0][:12]}, {champ_key[1]} split)"),
             **base)
-    best, value = max(comparable, key=lambda s: (s[1], int(s[0].version)))
+    best, value = _best(comparable)
     if champ_value is None:
         return verdict("promoted", best, value, f"champion v{champion.version} has no {metric!r} tag to defend")
     won = value - champ_value > 0 and value - champ_value >= min_delta
@@ -212,11 +221,39 @@ def below_starting_point(version) -> Optional[str]:
             f"({value - start:+.4f})")
 
 
-def _best_on_newest_data(scored: list) -> tuple:
-    """The best candidate among those evaluated like the newest one: older data is stale."""
+def start_key(metric: str) -> str:
+    """The tag of the zero-shot start beside a gate metric: eval_accuracy -> eval_baseline_accuracy."""
+    return "eval_baseline_" + metric.removeprefix("eval_")
+
+
+def first_bar(version, value: float, metric: str, first_min: float) -> tuple[bool, str]:
+    """Whether a would-be first champion (no champion to beat yet) is good enough, and why.
+
+    It must beat the zero-shot start of its base checkpoint on the same eval data
+    (`eval_baseline_<x>` beside `eval_<x>`, recorded by evaluate) where there is one;
+    else reach `first_min`, a floor above chance: a chance-level model must not serve."""
+    start = version_metric(version, start_key(metric))
+    if start is not None:
+        relation = "beats" if value > start else "does not beat"
+        return value > start, (f"{metric} {value:.4f} {relation} the zero-shot start of its base checkpoint "
+                               f"{version.tags.get('model.name', '')} on the same eval data ({start:.4f})")
+    relation = "reaches" if value >= first_min else "is below"
+    return value >= first_min, (f"{metric} {value:.4f} {relation} registry.first_champion_min {first_min:g} "
+                                "(no zero-shot start recorded to beat)")
+
+
+def _newest_data(scored: list) -> list:
+    """The candidates evaluated like the newest one: older data is stale."""
     newest = max(scored, key=lambda s: int(s[0].version))[0]
-    pool = [s for s in scored if data_key(s[0]) == data_key(newest)]
-    return max(pool, key=lambda s: (s[1], int(s[0].version)))
+    return [s for s in scored if data_key(s[0]) == data_key(newest)]
+
+
+def _best(scored: list) -> tuple:
+    return max(scored, key=lambda s: (s[1], int(s[0].version)))
+
+
+def _best_on_newest_data(scored: list) -> tuple:
+    return _best(_newest_data(scored))
 
 
 def _vname(version) -> str:

@@ -113,10 +113,16 @@ def aliases(client: "MlflowClient", name: str) -> dict[str, str]:
     return {k: str(v) for k, v in client.get_registered_model(name).aliases.items()}
 
 
+def version_ref(name: str, version, held: dict[str, str]) -> str:
+    """`models:/<name>/<version>` and the aliases it holds (`held`: alias -> version)."""
+    names = sorted(a for a, v in held.items() if v == str(version))
+    return " ".join([f"models:/{name}/{version}", *(f"@{a}" for a in names)])
+
+
 def registry_results(params: Params) -> "pd.DataFrame":
     """The long results table of `ferflow.evaluation.report.collect_results`, built from
     the registry: per registered model (one per dataset) and zoo model, the champion if it
-    is that zoo model, else its newest version."""
+    is that zoo model, else its newest version; `source` names it (`version_ref`)."""
     import pandas as pd
 
     from ferflow.evaluation.report import COLUMNS
@@ -129,7 +135,8 @@ def registry_results(params: Params) -> "pd.DataFrame":
             found = versions(client, name)
             if not found:
                 continue
-            champion = aliases(client, name).get(CHAMPION)
+            held = aliases(client, name)
+            champion = held.get(CHAMPION)
             chosen: dict[str, ModelVersion] = {}
             for version in found:  # ascending: the newest wins unless the champion holds the model
                 model = version.tags.get("model.name")
@@ -137,16 +144,18 @@ def registry_results(params: Params) -> "pd.DataFrame":
                     chosen[model] = version
             for model, version in sorted(chosen.items()):
                 train_dataset = version.tags.get("dataset.name", dataset)
+                source = version_ref(name, version.version, held)
                 for eval_ds, m in sorted(per_dataset(version.tags, eval_datasets(version.tags)).items()):
                     rows.append({"stage": layout.FINE_TUNED, "model": model, "train_dataset": train_dataset,
                                  "eval_dataset": eval_ds, "accuracy": m["accuracy"],
                                  "macro_f1": m.get("macro_f1", math.nan),
-                                 "balanced_accuracy": m.get("balanced_accuracy", math.nan), "n": int(m.get("n", 0))})
+                                 "balanced_accuracy": m.get("balanced_accuracy", math.nan), "n": int(m.get("n", 0)),
+                                 "source": source})
                     if "baseline_accuracy" in m:  # the starting point recorded with this version
                         baselines[(model, eval_ds)] = {
                             "stage": layout.ZERO_SHOT, "model": model, "train_dataset": layout.NO_TRAIN_DATASET,
                             "eval_dataset": eval_ds,
                             "accuracy": m["baseline_accuracy"], "macro_f1": m.get("baseline_macro_f1", math.nan),
-                            "balanced_accuracy": math.nan, "n": int(m.get("n", 0))}
+                            "balanced_accuracy": math.nan, "n": int(m.get("n", 0)), "source": source}
     rows.extend(baselines[k] for k in sorted(baselines))
     return pd.DataFrame(rows, columns=COLUMNS)

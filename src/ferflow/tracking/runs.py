@@ -222,7 +222,7 @@ class MlflowTrainCallback:
         if self.run_id is None:  # used without stages.train's early start
             self.start()
         tags = {"model.base_sha256": info.get("weights_sha256") or "none",
-                "model.weights_source": info.get("weights_source", "none"),
+                "model.weights_source": info.get("weights_source", "none"), "model.init": info.get("init"),
                 "model.arch": info.get("arch"), "model.input_size": info.get("input_size"),
                 "train.device": info.get("device"), "train.amp": info.get("amp"),
                 "train.world_size": info.get("world_size"), "train.n_train": info.get("n_train"),

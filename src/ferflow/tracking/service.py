@@ -113,6 +113,21 @@ def store_lock_path(uri: str, purpose: str) -> Optional[Path]:
     return None if db is None else db.with_name(f"{db.name}.{purpose}")
 
 
+@contextmanager
+def store_lock(purpose: str, what: str, timeout_s: float) -> Iterator[None]:
+    """Hold `store_lock_path(<current store>, purpose)` while the block runs: jobs sharing
+    one embedded sqlite store take turns. No lock for servers (none spans hosts): callers
+    that need one there re-check after writing instead."""
+    from ferflow.locks import file_lock
+
+    path = store_lock_path(current_tracking_uri() or "", purpose)
+    if path is None:
+        yield
+        return
+    with file_lock(path, what, timeout_s):
+        yield
+
+
 def _init_sqlite_store(uri: str, settings: TrackingSettings) -> None:
     """Create (or check) the schema of an embedded sqlite store once, under `<db>.lock`.
 

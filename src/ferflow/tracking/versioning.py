@@ -12,10 +12,9 @@ with the URI in the message and can be re-run later from the run directory alone
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import mlflow
 from mlflow import MlflowClient
@@ -42,26 +41,40 @@ log = logging.getLogger(__name__)
 REGISTER_LOCK_TIMEOUT_S = 1800.0
 
 
-def register(params: Params, dataset: str, run_dir: Path) -> ModelVersion:
+class RegisteredVersion(ModelVersion):
+    """What `register` returns: the version, and whether this call `created` it or found the
+    same registration made before (then it holds whatever aliases it has now, maybe none)."""
+
+    def __init__(self, version: ModelVersion, created: bool):
+        self.__dict__.update(vars(version))  # a copy of the entity as MLflow returned it
+        self.created = created
+
+
+def require_log_model(params: Params, run_dir: Path) -> None:
+    """A registered version is the model logged into its run: none without `tracking.log_model`."""
+    if not params.tracking.log_model:
+        raise ConfigError(f"tracking.log_model is false, so {run_dir} cannot be registered: a registered version "
+                          "is the model logged to MLflow; set tracking.log_model=true to register it")
+
+
+def register(params: Params, dataset: str, run_dir: Path) -> RegisteredVersion:
     """Register the model of `run_dir` (trained on `dataset`) as a new version with lineage
     and evaluation tags and a model card, and point `challenger` at it.
 
     Idempotent per registration: a version of the same training run (the MLflow run the run
     directory records, else the run directory itself) with the same weights, evaluated on
-    the same data, in the same DVC trial (or none) is returned as it is, also when two jobs
-    register at once (`_registering`). Another run with equal weights (a `dvc exp run`
-    trial that ended where the baseline did) gets its own version: a version's tags are
-    one run's lineage and trial. The MLflow run is the one recorded in the run directory; when it cannot be
-    found (another server, deleted) a new run is created in `tracking.experiment` and
-    tagged `ferflow.registered_from_run_dir`. Evaluation comes from the evaluate stage's
-    files (`evaluate.out_dir`), else from the run's `eval_*` metrics.
+    the same data, in the same DVC trial (or none) is returned as it is, `created` false,
+    also when two jobs register at once (`_registering`). Another run with equal weights (a
+    `dvc exp run` trial that ended where the baseline did) gets its own version: a version's
+    tags are one run's lineage and trial. The MLflow run is the one recorded in the run
+    directory; when it cannot be found (another server, deleted) a new run is created in
+    `tracking.experiment` and tagged `ferflow.registered_from_run_dir`. Evaluation comes
+    from the evaluate stage's files (`evaluate.out_dir`), else from the run's `eval_*` metrics.
 
     `tracking.log_model: false` refuses (ConfigError) before anything is read or written:
     a version is made from the model logged into the run, so there is no version without it.
     """
-    if not params.tracking.log_model:
-        raise ConfigError(f"tracking.log_model is false, so {run_dir} cannot be registered: a registered version "
-                          "is the model logged to MLflow; set tracking.log_model=true to register it")
+    require_log_model(params, run_dir)
     run_dir = Path(run_dir)
     params.data.check_dataset(dataset)  # a clear error for an unknown dataset
     info = read_run_dir(run_dir)
@@ -79,7 +92,7 @@ def register(params: Params, dataset: str, run_dir: Path) -> ModelVersion:
             existing = _same_version(client, name, key, on_disk.tags)
             if existing is not None:
                 log.info("%s version %s already holds this run's weights with this evaluation", name, existing.version)
-                return _complete(client, existing)
+                return RegisteredVersion(_complete(client, existing), created=False)
         run = _source_run(client, params, dataset, run_dir, info, on_disk)
         evaluation = on_disk or evaluation_from_run(run, dataset, model)
         tags = _version_tags(params, info, dataset, run_dir, run, evaluation, weights_sha256)
@@ -87,7 +100,7 @@ def register(params: Params, dataset: str, run_dir: Path) -> ModelVersion:
         if existing is not None:
             log.info("%s version %s already holds this run's weights with this evaluation; not registering again",
                      name, existing.version)
-            return _complete(client, existing)
+            return RegisteredVersion(_complete(client, existing), created=False)
         model_info = log_into_run(client, run_dir, info, run.info.run_id, params.serve.engine)
         logged_tags = client.get_logged_model(model_info.model_id).tags
         tags.update({k: logged_tags[k] for k in MODEL_TAGS if k in logged_tags})
@@ -103,10 +116,10 @@ def register(params: Params, dataset: str, run_dir: Path) -> ModelVersion:
             # such jobs only the later sees the other's and withdraws its own.
             _withdraw(client, version, model_info.model_id, first)
             log.info("%s version %s was registered from this run at the same time; using it", name, first.version)
-            return _complete(client, first)
+            return RegisteredVersion(_complete(client, first), created=False)
         client.set_registered_model_alias(name, CHALLENGER, version.version)
         log.info("registered %s version %s (alias %s)", name, version.version, CHALLENGER)
-        return client.get_model_version(name, version.version)
+        return RegisteredVersion(client.get_model_version(name, version.version), created=True)
 
 
 @dataclass(frozen=True)
@@ -135,20 +148,14 @@ class RegistrationKey:
         return tags.get("ferflow.original_run_id") == "none" and tags.get("ferflow.run_dir") == self.run_dir
 
 
-@contextmanager
-def _registering(name: str) -> Iterator[None]:
+def _registering(name: str):
     """Serialise check-then-register of `name` between jobs on one embedded sqlite store,
     with a lock beside its database (held through the model's logging: a second job waits,
     then finds the first's version). Tracking servers get no lock (none spans hosts):
     `register` re-checks after creating its version instead."""
-    from ferflow.locks import file_lock, lock_name
+    from ferflow.locks import lock_name
 
-    path = service.store_lock_path(service.current_tracking_uri() or "", "register-" + lock_name(name))
-    if path is None:
-        yield
-        return
-    with file_lock(path, f"registering {name}", REGISTER_LOCK_TIMEOUT_S):
-        yield
+    return service.store_lock("register-" + lock_name(name), f"registering {name}", REGISTER_LOCK_TIMEOUT_S)
 
 
 def _same_version(client, name: str, key: RegistrationKey, evaluation_tags: dict) -> Optional[ModelVersion]:

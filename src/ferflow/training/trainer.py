@@ -10,7 +10,8 @@ Run directory (`train.out_dir/<dataset>/<model>/`; the names: ferflow.layout):
     last.pt            full training state after the last finished epoch (resume)
     history.json/.csv  one record per epoch
     train_metrics.json best validation metrics (a DVC metrics file)
-    run.json           what was trained: model entry, input size, weights digest, params
+    run.json           what was trained: model entry, input size, weights digest and `init`
+                       (pretrained | timm-pretrained | random), params
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from torch import nn
 from ferflow import __version__, fileio, layout
 from ferflow.config import Params, TrainSettings, dump_params
 from ferflow.data.cache import CachedSplit, split_paths
+from ferflow.errors import FerflowError
 from ferflow.labels import CLASSES, source_mapping
 from ferflow.models.preprocess import Preprocess
+from ferflow.models.weights import RANDOM_INIT
 from ferflow.redact import redact_tree
 from ferflow.training.callbacks import CallbackList, ConsoleCallback, TrainCallback
 from ferflow.training.loop import Trainer, TrainResult
@@ -51,7 +54,49 @@ def recipe_hash(params: Params, dataset: str, model_name: str) -> str:
     blob = {"seed": params.seed, "dataset": dataset, "model": model_name, "train": train,
             "weights": params.weights_for(model_name).model_dump(mode="json"),
             "archive_sha256": params.data.content_sha256(dataset)}
+    if uses_timm_cache(params, model_name):
+        # Weights that appear in the cache later make another run, not a resume of a random one.
+        from ferflow.models import zoo
+        from ferflow.models.weights import timm_cached_file
+
+        found = timm_cached_file(zoo.resolve(model_name))
+        blob["timm_weights"] = found[0] if found else "random"
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def uses_timm_cache(params: Params, model_name: str) -> bool:
+    """A `timm:<arch>` model without a `models.<name>` entry: it starts from timm's weights
+    in the local cache, or from random init (models.weights.timm_weights)."""
+    from ferflow.models import zoo
+
+    return zoo.resolve(model_name).head == "timm" and model_name not in params.models
+
+
+def require_prepared(prepared_root: Path, dataset: str, size: int, splits: Sequence[str]) -> None:
+    """FerflowError naming the command to run when `dataset` is not prepared, or lacks the
+    image cache of one of `splits` at `size`."""
+    data_dir = layout.prepared_dir(prepared_root, dataset)
+    if not (data_dir / layout.MANIFEST).is_file():
+        raise FerflowError(f"dataset {dataset} is not prepared ({data_dir / layout.MANIFEST} missing); "
+                           f"run `ferflow prepare --dataset {dataset}` first")
+    for split in splits:
+        CachedSplit(data_dir, split, size)  # its error names the size to add to prepare.image_sizes
+
+
+def preflight(params: Params, dataset: str, model_name: str) -> None:
+    """What `train` needs and cannot make itself, checked before an MLflow run is opened (so a
+    usage error leaves no FAILED run): the model's prepared caches (train, and the split that
+    selects epochs) and its configured pretrained weights, downloaded now when remote."""
+    from ferflow.models import zoo
+    from ferflow.models.weights import fetch_pretrained
+
+    cfg = params.require_train()
+    size = zoo.input_size(model_name, cfg.input_size)
+    data_dir = layout.prepared_dir(params.data.prepared_dir, dataset)
+    require_prepared(params.data.prepared_dir, dataset, size, ["train", validation_split_name(data_dir, size)])
+    if not uses_timm_cache(params, model_name):  # that one falls back to random init
+        weights = params.weights_for(model_name)
+        fetch_pretrained(weights.pretrained, weights.sha256, params.fetch)
 
 
 def train(
@@ -86,6 +131,7 @@ def train(
             "dataset": dataset, "model": model_name, "arch": entry.arch, "input_size": size,
             "weights_source": pretrained.source if pretrained else "none",
             "weights_sha256": pretrained.sha256 if pretrained else None,
+            "init": pretrained.init if pretrained else RANDOM_INIT,
             "head_init": head_init, "batchnorm": cfg.batchnorm,
             "device": str(rt.device), "amp": str(rt.amp_dtype), "world_size": rt.world_size,
             "n_train": len(train_split), "n_val": len(val_split), "val_split": val_split.split,
@@ -115,10 +161,13 @@ def _build_model(params: Params, cfg: TrainSettings, entry,
                  model_name: str) -> tuple[nn.Module, Optional[PretrainedWeights], str]:
     """The model with its 3-class head, its pretrained weights (or None) and how the head began."""
     from ferflow.models import zoo
-    from ferflow.models.weights import pretrained_for
+    from ferflow.models.weights import pretrained_for, timm_weights
 
     weights_cfg = params.weights_for(model_name)
-    pretrained = pretrained_for(entry, weights_cfg.pretrained, weights_cfg.sha256, params.fetch)
+    if uses_timm_cache(params, model_name):
+        pretrained = timm_weights(entry)
+    else:
+        pretrained = pretrained_for(entry, weights_cfg.pretrained, weights_cfg.sha256, params.fetch)
     mappable = pretrained is not None and zoo.can_map_head(entry)
     head_init = "mapped" if cfg.head_init == "mapped" and mappable else "random"
     if head_init == "mapped":
