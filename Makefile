@@ -35,21 +35,30 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # The demo runs the same dvc.yaml in its own DVC workspace ($(DEMO)/), whose params differ
-# from params.yaml only in data.archives (the generated archives with their sha256).
+# from params.yaml only in data.archives (the generated archives with their sha256). $(DEMO)/
+# is a git repository of its own (scripts/demo-git.sh), committed after each run that changed
+# it, so `dvc exp`, `dvc metrics diff` and `dvc params diff` work there.
+DEMO_TRACKING_URI = $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/$(DEMO)/mlruns/mlflow.db}
+
 demo: $(STAMP)
-	mkdir -p $(DEMO)
+	bash scripts/demo-git.sh begin $(DEMO)
 	test -f $(DEMO)/params.yaml -a $(DEMO)/params.yaml -nt params.yaml || \
 	  $(BIN)/ferflow demo-data --out $(DEMO)/archives --params-out $(DEMO)/params.yaml
 	cp dvc.yaml .dvcignore $(DEMO)/
 	ln -sfn ../src $(DEMO)/src
-	test -d $(DEMO)/.dvc || (cd $(DEMO) && $(BIN)/dvc init --no-scm -q)
+	test -d $(DEMO)/.dvc || (cd $(DEMO) && $(BIN)/dvc init -q)
 	cd $(DEMO) && $(BIN)/dvc remote add -f -d \
 	  $$(cd .. && $(BIN)/dvc remote list --project | awk 'NR==1{print $$1, $$2}')
 	cd $(DEMO) && $(BIN)/ferflow parent-run --name demo -- $(BIN)/dvc repro
+	bash scripts/demo-git.sh commit $(DEMO) \
+	  "make demo: dvc repro (ferflow $$(git rev-parse --short HEAD 2>/dev/null || echo unknown))"
 	@echo "demo done:"
 	@echo "  results table   $(DEMO)/reports/results.md"
 	@echo "  evaluation      $(DEMO)/evaluation/ (metrics, confusion matrices), data reports $(DEMO)/data/prepared/*/report.json"
+	@echo "  MLflow store    in this shell, before any mlflow or ferflow command on the demo's models:"
+	@echo "                  export MLFLOW_TRACKING_URI=$(DEMO_TRACKING_URI)"
 	@echo "  MLflow UI       cd $(DEMO) && $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db  (models: ferflow-*@champion)"
+	@echo "  experiments     cd $(DEMO) && $(BIN)/dvc exp run -S train.full_stage.epochs=20 && $(BIN)/dvc exp show  (a git repository)"
 
 # The quick benchmarks: data layer (needs ../shared's stand-in archives) and the pipeline's
 # bytes per task; the others take their own arguments (see each script's docstring).

@@ -1,8 +1,9 @@
 """`dvc repro` of the repo's dvc.yaml on demo data in a fresh workspace, then `dvc push` to
-and `dvc pull` from an S3 API server process on 127.0.0.1, through the repo's remote config.
+and `dvc pull` from an S3 API server process on 127.0.0.1, through the repo's remote config;
+the workspace's own git repository (scripts/demo-git.sh) and the DVC commands it enables.
 
-One `dvc repro` per module (`reproduced`); every test works on its own copy of that
-workspace (`workspace`), so tests pass alone, in any order and with `-k`."""
+One `dvc repro` per session (`demo_repro`, conftest.py); every test works on its own copy of
+that workspace (`workspace`), so tests pass alone, in any order and with `-k`."""
 
 import json
 import math
@@ -18,7 +19,8 @@ import yaml
 
 from ferflow.data.sources import sha256_file
 
-REPO = Path(__file__).resolve().parents[2]
+from .conftest import DEMO_GIT, copy_demo_workspace, demo_mlflow_env
+
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 ARCHIVES = ("LFW-FER", "M-LFW-FER", "M-LFW-FER-face-cut")
@@ -33,36 +35,18 @@ def run(cmd, cwd, env=None, check=True):
 
 
 @pytest.fixture(scope="module")
-def reproduced(tmp_path_factory):
-    """(workspace, output of its first `dvc repro`): a DVC workspace like `make demo` builds
-    (same dvc.yaml and remote config, demo params), reproduced once. Read it, never change it."""
-    root = tmp_path_factory.mktemp("dvc-demo")
-    ws = root / "ws"
-    ws.mkdir()
-    # `make demo` links src; here the link points at a snapshot of it, so the stages' src deps
-    # do not change under the tests when src is edited while they run (a rerun, not a test).
-    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    run(["ferflow", "demo-data", "--out", "archives", "--params-out", "params.yaml",
-         "--params", str(REPO / "params.yaml"),
-         "--set", "demo.images_per_class=20", "--set", "demo.image_size=48",
-         "--set", "demo.overrides=['prepare.image_sizes=[32]', 'train.models=[demo_tiny]', 'train.input_size=32',"
-                  " 'train.full_stage.epochs=1', 'train.workers=0']"], cwd=ws)
-    shutil.copy(REPO / "dvc.yaml", ws / "dvc.yaml")
-    (ws / "src").symlink_to(root / "src")
-    run(["dvc", "init", "--no-scm", "-q"], cwd=ws)
-    # the repo's committed remote, as DVC itself reads it
-    name, url = run(["dvc", "remote", "list"], cwd=REPO).stdout.split()[:2]
-    run(["dvc", "remote", "add", "-d", name, url], cwd=ws)
-    shutil.copy(REPO / ".dvcignore", ws / ".dvcignore")
-    return ws, run(["dvc", "repro"], cwd=ws).stdout
+def reproduced(demo_repro):
+    """(workspace, output of its first `dvc repro`): the shared demo workspace (conftest.py),
+    a DVC workspace and git repository like `make demo` builds. Read it, never change it."""
+    return demo_repro
 
 
 @pytest.fixture
 def workspace(reproduced, tmp_path):
     """This test's own copy of the reproduced workspace (params, data and remotes change).
     Paths inside are relative (archives, outputs) but for the `src` link, copied as a link to
-    the same snapshot, so the copy is the same workspace."""
-    return Path(shutil.copytree(reproduced[0], tmp_path / "ws", symlinks=True))
+    the same snapshot, and MLflow's, relocated to the copy, so the copy is the same workspace."""
+    return copy_demo_workspace(reproduced[0], tmp_path / "ws")
 
 
 def test_repro_runs_every_stage_then_nothing(reproduced, workspace):
@@ -178,3 +162,92 @@ def test_push_and_pull_through_the_s3_remote(workspace, s3_server):
     for path in workspace.rglob("*"):
         if path.is_file() and ".dvc/cache" not in str(path) and path.stat().st_size < 1_000_000:
             assert s3_server.secret_key.encode() not in path.read_bytes(), path
+
+
+def git(args, cwd):
+    return run(["git", *args], cwd=cwd).stdout.strip()
+
+
+def test_the_workspace_is_a_git_repository_of_its_own(workspace):
+    """As `make demo` leaves demo/: everything but DVC's cached outputs and the MLflow store
+    committed, with a local identity where git has none (the fixture ran without one)."""
+    assert git(["rev-parse", "--show-toplevel"], workspace) == str(workspace)
+    assert git(["status", "--porcelain"], workspace) == ""
+    assert git(["rev-list", "--count", "HEAD"], workspace) == "1"
+    assert git(["config", "--local", "user.email"], workspace) == "demo@ferflow.invalid"
+    tracked = set(git(["ls-files"], workspace).splitlines())
+    assert {"dvc.lock", "dvc.yaml", "params.yaml", "src", "reports/results.md",
+            "models/LFW-FER/demo_tiny/train_metrics.json", "registry/promotions/LFW-FER.json"} <= tracked
+    assert not [p for p in tracked if p.startswith(("data/", "mlruns/", ".dvc/cache/", ".dvc/tmp/"))
+                or p.endswith((".safetensors", ".pt", ".npy", ".parquet"))]
+
+
+def demo_git(action, workspace, *message):
+    return run(["bash", str(DEMO_GIT), action, str(workspace), *message], cwd=workspace).stdout
+
+
+def test_make_demo_commits_only_the_changes_its_run_made(workspace):
+    def count():
+        return git(["rev-list", "--count", "HEAD"], workspace)
+
+    # A rerun that changes nothing commits nothing.
+    demo_git("begin", workspace)
+    assert "nothing changed" in demo_git("commit", workspace, "make demo: dvc repro")
+    assert count() == "1"
+    # What the run changes (here: a newer dvc.yaml copied in) is committed.
+    demo_git("begin", workspace)
+    with open(workspace / "dvc.yaml", "a") as f:
+        f.write("# changed upstream\n")
+    assert "committed" in demo_git("commit", workspace, "make demo: dvc repro")
+    assert count() == "2" and git(["status", "--porcelain"], workspace) == ""
+    # Changes of the user's, there before the run started, are left to the user.
+    with open(workspace / "params.yaml", "a") as f:
+        f.write("# mine\n")
+    demo_git("begin", workspace)
+    assert "not committed" in demo_git("commit", workspace, "make demo: dvc repro")
+    assert count() == "2" and git(["status", "--porcelain"], workspace) == "M params.yaml"
+
+
+def test_a_workspace_made_without_git_becomes_one_without_committing_outputs(workspace):
+    """demo/ from before it was a git repository (`dvc init --no-scm`): the next make demo
+    turns it into one, and DVC's outputs are git-ignored before anything is committed."""
+    shutil.rmtree(workspace / ".git")
+    for ignore in workspace.rglob(".gitignore"):  # DVC writes none without git
+        ignore.unlink()
+    run(["dvc", "config", "core.no_scm", "true"], cwd=workspace)
+    demo_git("begin", workspace)
+    assert "no_scm" not in (workspace / ".dvc" / "config").read_text()
+    demo_git("commit", workspace, "make demo: dvc repro")
+    tracked = git(["ls-files"], workspace).splitlines()
+    assert "dvc.lock" in tracked and "models/LFW-FER/demo_tiny/train_metrics.json" in tracked
+    assert not [p for p in tracked if p.startswith((".dvc/cache/", ".dvc/tmp/", "mlruns/"))
+                or p.endswith((".zip", ".safetensors", ".pt", ".npy")) and not p.startswith("archives/")]
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], cwd=workspace).stdout
+
+
+def test_dvc_experiments_and_diffs_work_in_the_workspace(workspace):
+    """The commands `Only supported for Git repositories` refused in a no-scm workspace."""
+    env = demo_mlflow_env(workspace)
+    out = run(["dvc", "exp", "run", "-S", "registry.min_delta=0.01"], cwd=workspace, env=env).stdout
+    assert "Running stage 'promote@LFW-FER'" in out and "Running stage 'train@" not in out
+    name = out.split("Ran experiment(s):")[1].split()[0]
+    rows = json.loads(run(["dvc", "exp", "show", "--json"], cwd=workspace).stdout)
+    baseline = next(r for r in rows if r["rev"] != "workspace")
+    (exp,) = [rev for e in baseline["experiments"] or [] for rev in e["revs"] if rev["name"] == name]
+
+    def min_delta(row):
+        return row["data"]["params"]["params.yaml"]["data"]["registry"]["min_delta"]
+
+    assert (min_delta(baseline), min_delta(exp)) == (0.0, 0.01)
+    params = json.loads(run(["dvc", "params", "diff", "--json"], cwd=workspace).stdout)
+    change = params["params.yaml"]["registry.min_delta"]
+    assert (change["old"], change["new"]) == (0.0, 0.01)
+    # The experiment's metrics are the baseline's (it retrained nothing): an empty diff; a
+    # metric that differs from the commit's is named.
+    assert json.loads(run(["dvc", "metrics", "diff", "--json"], cwd=workspace).stdout) == {}
+    metrics_file = workspace / "models/LFW-FER/demo_tiny/train_metrics.json"
+    metrics = json.loads(metrics_file.read_text())
+    metrics["val_accuracy"] = 2.0
+    metrics_file.write_text(json.dumps(metrics))
+    diff = json.loads(run(["dvc", "metrics", "diff", "--json"], cwd=workspace).stdout)
+    assert diff["models/LFW-FER/demo_tiny/train_metrics.json"]["val_accuracy"]["new"] == 2.0
