@@ -12,10 +12,11 @@ from typer.testing import CliRunner
 
 from ferflow.cli import app
 from ferflow.config import load_params, read_yaml
+from ferflow.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-# They read no params, so --params/--set would be options that do nothing; --verbose only.
-READS_NO_PARAMS = {"pipeline image-tag", "serve validate"}
+# They use no params value: --params/--set are checked when given, and not read otherwise.
+USES_NO_PARAMS = {"pipeline image-tag", "serve validate"}
 
 
 def _commands(command, path=()):
@@ -49,10 +50,25 @@ def test_every_command_takes_params_set_and_verbose(path):
     command = LEAVES[path]
     assert _option(command, "--verbose") is not None, f"ferflow {path}: no --verbose"
     for flag in ("--params", "--set"):
-        if path in READS_NO_PARAMS:
-            assert _option(command, flag) is None, f"ferflow {path} reads params now: drop it from READS_NO_PARAMS"
-        else:
-            assert _option(command, flag) is not None, f"ferflow {path}: no {flag}"
+        assert _option(command, flag) is not None, f"ferflow {path}: no {flag}"
+
+
+def test_commands_that_use_no_params_check_them_only_when_given(tmp_path, monkeypatch):
+    runner = CliRunner()
+    bad = tmp_path / "params.yaml"
+    bad.write_text("seed: many\n")
+    manifest = tmp_path / "isvc.yaml"
+    manifest.write_text("")  # no InferenceService: its own error, not a params one
+    monkeypatch.chdir(tmp_path)  # outside the checkout, beside a broken params.yaml
+    for path, args in (("pipeline image-tag", []), ("serve validate", [str(manifest)])):
+        assert path in USES_NO_PARAMS
+        argv = [*path.split(), *args]
+        plain = runner.invoke(app, argv)  # params not read unless asked
+        assert plain.exit_code == 0 if path == "pipeline image-tag" else "no InferenceService" in str(plain.exception)
+        for extra in (["--params", str(bad)], ["--set", "seed=-1", "--params", str(REPO / "params.yaml")]):
+            result = runner.invoke(app, [*argv, *extra])
+            # The runner bypasses run_app, so the error arrives as the exception (exit 2 there).
+            assert isinstance(result.exception, ConfigError) and "seed" in str(result.exception), (path, extra)
 
 
 @pytest.mark.parametrize("path", sorted(COMMANDS))
@@ -72,7 +88,7 @@ def test_verbose_is_a_flag_at_the_root_too():
 
 
 def test_set_examples_name_real_keys_and_fit_each_command():
-    examples = {path: _set_example(command) for path, command in LEAVES.items() if path not in READS_NO_PARAMS}
+    examples = {path: _set_example(command) for path, command in LEAVES.items() }
     tree = read_yaml(REPO / "params.yaml")
     for path, example in examples.items():
         node = tree

@@ -153,6 +153,33 @@ def params_loader(params_help: str = PARAMS_HELP, set_help: Optional[str] = None
     return decorate
 
 
+def params_checked(example: str) -> Callable[[Callable], Callable]:
+    """For a command that reads no params (it works on other inputs alone): --params and
+    --set are still accepted, so that every ferflow command takes them (scripts can pass
+    them uniformly), and checked when given, a bad key failing as anywhere else. Without
+    either, nothing is read: such a command also runs outside a checkout."""
+    added = [
+        inspect.Parameter("params", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+            Optional[Path], typer.Option("--params", "-p", help="params file to check (YAML); this command "
+                                         "uses no params value", show_default=False)]),
+        inspect.Parameter("set_", inspect.Parameter.KEYWORD_ONLY, default=None,
+                          annotation=set_option(override_help(example, "override a key, checked with the file"))),
+    ]
+
+    def decorate(command: Callable) -> Callable:
+        own = list(inspect.signature(command, eval_str=True).parameters.values())
+
+        @functools.wraps(command)
+        def wrapper(*args, params: Optional[Path], set_: Optional[list[str]], **kwargs):
+            if params is not None or set_:
+                load(params or DEFAULT_PARAMS, set_)
+            return command(*args, **kwargs)
+
+        return with_verbose(with_parameters(wrapper, [*own, *added]))
+
+    return decorate
+
+
 def run_app(app: typer.Typer, argv: Optional[list[str]] = None) -> None:
     """Run `app` as a console script: a FerflowError becomes one line on stderr (plus the
     traceback with --verbose) and its exit code; click's standalone mode handles usage

@@ -13,8 +13,8 @@ from typing import Annotated, Any, Callable, Optional, Union
 import typer
 from rich.console import Console
 
-from ferflow.commandline import (override_help, params_loader, params_option, set_option, typer_app,
-                                 with_parameters, with_verbose)
+from ferflow.commandline import (override_help, params_checked, params_loader, params_option, set_option,
+                                 typer_app, with_parameters, with_verbose)
 from ferflow.config import Params
 from ferflow.errors import FerflowError
 from ferflow.pipeline import IMAGE_ENV, IMAGE_REPOSITORY
@@ -247,7 +247,7 @@ def submit(
 
 
 @pipeline_app.command("image-tag")
-@with_verbose  # reads no params: the tag is a digest of the image's inputs alone
+@params_checked(example="seed=7")  # the tag is a digest of the image's inputs alone
 def image_tag_() -> None:
     """Print the image reference this checkout's pipeline runs (`make image` builds it)."""
     from ferflow.pipeline import image_tag

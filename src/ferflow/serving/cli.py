@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ferflow.commandline import params_loader, typer_app, with_verbose
+from ferflow.commandline import params_checked, params_loader, typer_app
 from ferflow.config import Params
 from ferflow.serving.kserve.manifest import DEFAULT_CPU, DEFAULT_MEMORY, GPU_RESOURCE, ServeOptions, manifest
 from ferflow.serving.kserve.validation import KIND, SCALE_METRICS, ManifestError, first_line, validate
@@ -86,7 +86,7 @@ def manifest_cmd(
 
 
 @serve_app.command("validate")
-@with_verbose  # reads no params: offline checks of the documents alone
+@params_checked(example="serve.engine=onnx")  # offline checks of the documents alone
 def validate_cmd(
     files: Annotated[list[Path], typer.Argument(
         metavar="FILE", help="InferenceService YAML files (several documents each allowed)")],
