@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -212,7 +213,7 @@ def start_mlflow_server(root: Path, s3: S3Server, bucket: str) -> MlflowServer:
 
     def ready(port: int, proc: subprocess.Popen) -> None:
         wait_for_port(port, proc)
-        _wait_http_ok(f"http://127.0.0.1:{port}/health", proc)
+        wait_ready(f"http://127.0.0.1:{port}/health", proc, log)
 
     try:
         port, proc = start_on_free_port(start, ready, log)
@@ -221,20 +222,23 @@ def start_mlflow_server(root: Path, s3: S3Server, bucket: str) -> MlflowServer:
     return MlflowServer(port, proc, root, log)
 
 
-def _wait_http_ok(url: str, proc: subprocess.Popen, timeout: float = READY_TIMEOUT_S) -> None:
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = READY_TIMEOUT_S) -> None:
+    """Until `url` answers 200; the server's log tail in the error if it exits or never does.
+    No proxy: every server here is on 127.0.0.1."""
     import urllib.request
 
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError("server exited")
+            raise AssertionError(f"{proc.args} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
+            with opener.open(url, timeout=2) as resp:
                 if resp.status == 200:
                     return
         except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"{url} not healthy after {timeout}s")
+            time.sleep(0.3)
+    raise AssertionError(f"{url} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
 
 
 def stop_process(proc: subprocess.Popen) -> None:
@@ -244,6 +248,18 @@ def stop_process(proc: subprocess.Popen) -> None:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """A server started in a session of its own (`start_new_session=True`) with the workers it
+    forks (mlflow models serve's uvicorn): stop them together."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
 

@@ -7,9 +7,7 @@ that workspace (`workspace`), so tests pass alone, in any order and with `-k`.""
 
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,21 +15,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from ferflow.data.sources import sha256_file
+from ferflow.fileio import sha256_file
 
-from .conftest import DEMO_GIT, copy_demo_workspace, demo_mlflow_env
+from .conftest import DEMO_GIT, copy_demo_workspace, demo_mlflow_env, run
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 ARCHIVES = ("LFW-FER", "M-LFW-FER", "M-LFW-FER-face-cut")
-
-
-def run(cmd, cwd, env=None, check=True):
-    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
-    result = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,13 @@ One `dvc repro` per module (`reproduced`); every test works on its own copy of t
 its MLflow store (`clone`), so tests pass alone, in any order and with `-k`."""
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import relocate
+from .conftest import relocate, run
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -27,14 +25,6 @@ MODEL = "demo_tiny"
 OVERRIDES = ("['prepare.image_sizes=[32]', 'train.datasets=[LFW-FER, M-LFW-FER]', 'train.models=[demo_tiny]',"
              " 'train.input_size=32', 'train.full_stage.epochs=1', 'train.workers=0',"
              " 'registry.first_champion_min=0']")  # near-chance models still get a first champion
-
-
-def run(cmd, cwd, env=None, check=True):
-    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
-    result = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 def train_metrics(dataset):

@@ -15,18 +15,15 @@ import os
 import re
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
-import time
-import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from ferflow.data.sources import sha256_file
+from conftest import start_on_free_port, stop_group, wait_ready
+from ferflow.fileio import sha256_file
 
 from .conftest import BIN, REPO, copy_demo_workspace, demo_mlflow_env
 
@@ -181,12 +178,6 @@ def test_the_parser_reads_continuations_comments_and_consoles():
     assert readme_commands(text) == ["foo --a 1 --b '#not'", "bar", "baz --c"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def readme_root(demo_repro, tmp_path_factory):
     """(root, values for the placeholders, environment): the repo root's stand-in, its demo/
@@ -202,7 +193,7 @@ def readme_root(demo_repro, tmp_path_factory):
         for i, name in enumerate(faces):
             (ws / "photos" / f"{i}.jpg").write_bytes(z.read(name))
         (ws / "face.jpg").write_bytes(z.read(faces[0]))
-    values = {"root": str(root), "demo": str(ws), "venv": str(BIN.parent), "port": str(free_port()),
+    values = {"root": str(root), "demo": str(ws), "venv": str(BIN.parent),
               "sha256": sha256_file(ws / "archives" / "LFW-FER.zip")}
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **demo_mlflow_env(ws)}
     env.pop("VIRTUAL_ENV", None)  # set by `source .venv/bin/activate` only
@@ -229,7 +220,6 @@ def run_readme(command: str, readme_root) -> str:
     return output
 
 
-NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 PLAIN = [c for c in COMMANDS if c in RUN and not RUN[c].server and c not in {r.server for r in RUN.values()}]
 
 
@@ -244,31 +234,21 @@ def test_readme_server_answers(readme_root, command, tmp_path):
     request to it."""
     root, values, env = readme_root
     log = tmp_path / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(["bash", "-c", f"exec {as_run(command, values)}"], cwd=root / "demo", env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def start(port: int) -> subprocess.Popen:
+        with open(log, "w") as out:
+            return subprocess.Popen(["bash", "-c", f"exec {as_run(command, {**values, 'port': port})}"],
+                                    cwd=root / "demo", env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+
+    port, proc = start_on_free_port(start, lambda port, proc: wait_ready(f"http://127.0.0.1:{port}/ping", proc, log),
+                                    log, stop=stop_group)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, f"{command} exited {proc.returncode}:\n{log.read_text()[-4000:]}"
-            try:
-                with NO_PROXY.open(f"http://127.0.0.1:{values['port']}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"{command}: no answer in 180 s:\n{log.read_text()[-4000:]}"
-            time.sleep(0.5)
-        output = run_readme(RUN[command].server, readme_root)
+        output = run_readme(RUN[command].server, (root, {**values, "port": port}, env))
         body = json.loads(output[output.index("{"):])
         assert body["predictions"][0]["label"] in {"negative", "neutral", "positive"}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
 
 
 def test_skipped_commands_are_still_valid_shell():

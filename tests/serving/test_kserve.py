@@ -22,14 +22,14 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import start_on_free_port
+from conftest import start_on_free_port, stop_group, wait_ready
 from ferflow import cli
 from ferflow.config import load_params
 from ferflow.errors import ConfigError
 from ferflow.labels import CLASSES
 from ferflow.serving import kserve
 from ferflow.tracking import aliases, service, versioning
-from tracking.test_serving import DATASET, face_jpeg, fabricated_run, post, stop_group, wait_ready
+from tracking.test_serving import DATASET, face_jpeg, fabricated_run, post
 
 from .conftest import MLFLOW_ENV
 

@@ -7,10 +7,8 @@ import base64
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -20,7 +18,7 @@ import mlflow
 import pytest
 from PIL import Image, ImageDraw
 
-from conftest import start_on_free_port
+from conftest import start_on_free_port, stop_group, wait_ready
 from ferflow import fileio
 from ferflow.config import load_params
 from ferflow.labels import CLASSES
@@ -79,31 +77,6 @@ def post(url: str, payload: dict) -> tuple[int, dict]:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"{}")
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"mlflow models serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"{url} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """The server and the uvicorn it starts share the session we gave it: stop them together."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def test_serve_champion_over_rest(mlflow_server, tmp_path, monkeypatch):
