@@ -242,34 +242,12 @@ def register(params: Params, dataset: str, model: str, run_dir: Optional[Path] =
     params = with_digests(params, [dataset])  # lineage names the training data's digest
     model = check_model(model)
     run_dir = Path(run_dir) if run_dir else layout.run_dir(params.require_train().out_dir, dataset, model)
-    preflight_register(params, dataset, model, run_dir)
-    version = register_version(params, dataset, run_dir)
+    version = register_version(params, dataset, run_dir)  # checks what it needs before any MLflow run
     atomic_write_json(layout.registry_record(params.registry.records_dir, dataset, model), {
         "name": version.name, "version": str(version.version), "run_id": version.run_id,
         "source": version.source, "aliases": sorted(version.aliases or []), "created": version.created,
     })
     return version
-
-
-def preflight_register(params: Params, dataset: str, model: str, run_dir: Path) -> None:
-    """What `register` needs from earlier stages, checked before it may create a stand-in
-    MLflow run: the trained files, and an evaluation (the evaluate stage's files, whose
-    in-domain data has a manifest digest, or a recorded training run holding its metrics)."""
-    from ferflow.tracking.queries import evaluation_files
-    from ferflow.tracking.rundir import read_run_dir, recorded_run_id
-    from ferflow.tracking.versioning import require_log_model
-
-    require_log_model(params, run_dir)
-    read_run_dir(run_dir)
-    evaluation = evaluation_files(params, dataset, model)
-    if evaluation is None and recorded_run_id(run_dir) is None:
-        raise FerflowError(f"no evaluation of {model} trained on {dataset}: {run_dir} records no MLflow run and "
-                           f"{params.evaluate.out_dir} has none; run `ferflow evaluate --dataset {dataset} "
-                           f"--model {model}` first")
-    if evaluation is not None and evaluation.tags.get("eval.manifest_sha256", "unknown") == "unknown":
-        report = layout.prepared_dir(params.data.prepared_dir, dataset) / layout.REPORT
-        raise FerflowError(f"{report}: no manifest_sha256 identifies the evaluation data; "
-                           f"run `ferflow prepare --dataset {dataset}`")
 
 
 def promote(params: Params, dataset: str, metric: Optional[str] = None, min_delta: Optional[float] = None,

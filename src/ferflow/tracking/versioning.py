@@ -82,6 +82,13 @@ def register(params: Params, dataset: str, run_dir: Path) -> RegisteredVersion:
         raise FerflowError(f"{run_dir}: trained on {info['dataset']!r}, not {dataset!r}; pass --dataset {info['dataset']}")
     model = str(info["model"])
     on_disk = evaluation_files(params, dataset, model)
+    # Before MLflow is contacted: a stand-in run must not be made for a register that fails.
+    if on_disk is None and recorded_run_id(run_dir) is None:
+        raise FerflowError(f"no evaluation of {model} trained on {dataset}: {run_dir} records no MLflow run and "
+                           f"{params.evaluate.out_dir} has none; run `ferflow evaluate --dataset {dataset} "
+                           f"--model {model}` first")
+    if on_disk is not None:
+        _require_manifest(params, dataset, on_disk.tags)
     weights_sha256 = sha256_file(run_dir / layout.WEIGHTS)
     name = params.registry.name_for(dataset)
     hint = f"; nothing was written to {run_dir}: re-run `ferflow register` when MLflow is back"
@@ -268,11 +275,17 @@ def _version_tags(params: Params, info: dict, dataset: str, run_dir: Path, run, 
     experiment = dvc_experiment()
     if experiment:
         tags[EXPERIMENT_TAG] = experiment  # clipped below, with every tag
+    _require_manifest(params, dataset, tags)
+    tags.setdefault("eval.split", params.evaluate.split)
+    return {k: version_tag(v) for k, v in tags.items() if v not in (None, "")}
+
+
+def _require_manifest(params: Params, dataset: str, tags: dict) -> None:
+    """The evaluation data must be named by its manifest digest: the promotion gate compares
+    versions only on the same data."""
     if tags.get("eval.manifest_sha256", "unknown") == "unknown":
         report = layout.prepared_dir(params.data.prepared_dir, dataset) / layout.REPORT
         raise FerflowError(
             f"{report}: no manifest_sha256 to identify the evaluation "
             f"data, so the promotion gate could not compare this version; run `ferflow prepare --dataset {dataset}`"
         )
-    tags.setdefault("eval.split", params.evaluate.split)
-    return {k: version_tag(v) for k, v in tags.items() if v not in (None, "")}
