@@ -29,6 +29,23 @@ from ferflow.errors import FerflowError
 
 PathLike = Union[str, Path]
 
+# ---------------------------------------------------------------- fetched archives (data.raw_dir)
+DIGEST_RECORD_SUFFIX = ".sha256.json"  # the digest fetch recorded for a local source without one
+
+
+def archive_name(name: str) -> str:
+    """`<name>.zip`: the file fetch writes for archive `name` (a DVC out of stage fetch@name)."""
+    return f"{name}.zip"
+
+
+def raw_archive(raw_dir: PathLike, name: str) -> Path:
+    return Path(raw_dir) / archive_name(name)
+
+
+def digest_record(raw_dir: PathLike, name: str) -> Path:
+    return Path(raw_dir) / f"{name}{DIGEST_RECORD_SUFFIX}"
+
+
 # ---------------------------------------------------------------- prepared dataset folder
 MANIFEST = "manifest.parquet"  # one row per kept image
 REPORT = "report.json"  # counts, quarantine, digests (lineage reads it)

@@ -17,22 +17,16 @@ import json
 from pathlib import Path
 from typing import Iterable, Optional
 
+from ferflow import layout
 from ferflow.config import ArchiveSpec, Params
 from ferflow.config.base import sha256_digest
 from ferflow.errors import FerflowError
 from ferflow.fileio import atomic_write_json
 from ferflow.redact import redact_uri
 
-RECORD_SUFFIX = ".sha256.json"
-
-
-def record_path(raw_dir: Path, name: str) -> Path:
-    return Path(raw_dir) / f"{name}{RECORD_SUFFIX}"
-
-
 def recorded_sha256(raw_dir: Path, name: str) -> Optional[str]:
     """The digest recorded for archive `name`, or None when there is no record."""
-    path = record_path(raw_dir, name)
+    path = layout.digest_record(raw_dir, name)
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -48,7 +42,7 @@ def recorded_sha256(raw_dir: Path, name: str) -> Optional[str]:
 
 
 def record(raw_dir: Path, spec: ArchiveSpec, digest: str, size: int) -> Path:
-    path = record_path(raw_dir, spec.name)
+    path = layout.digest_record(raw_dir, spec.name)
     atomic_write_json(path, {"name": spec.name, "uri": redact_uri(spec.uri), "sha256": digest, "size": size})
     return path
 
@@ -57,7 +51,7 @@ def changed_error(raw_dir: Path, spec: ArchiveSpec, recorded: str, digest: str) 
     """One line: which archive changed, both digests, and how to accept the new content."""
     return FerflowError(
         f"{spec.name}: {redact_uri(spec.uri)} changed since its digest was recorded: recorded sha256 {recorded}, "
-        f"now {digest}. To accept the new content, delete {record_path(raw_dir, spec.name)} (or set "
+        f"now {digest}. To accept the new content, delete {layout.digest_record(raw_dir, spec.name)} (or set "
         f"data.archives.{spec.name}.sha256={digest}) and run `ferflow fetch --dataset {spec.name}` again"
     )
 

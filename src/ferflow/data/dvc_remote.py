@@ -24,6 +24,7 @@ from typing import Iterable, Mapping, Optional, Union
 
 import yaml
 
+from ferflow import layout
 from ferflow.config import ArchiveSpec, FetchSettings
 from ferflow.data.sources import FetchResult, download, fetch_archive
 from ferflow.fileio import file_digest
@@ -61,7 +62,7 @@ def fetch_entries(lock: Lock, specs: Optional[Iterable[ArchiveSpec]] = None) -> 
     pins = read_pins(tree) if specs is None else holding_pins(specs, tree)
     stages = {}
     for name, pin in pins.items():
-        out = {"path": f"{name}.zip", "md5": pin.md5, **({"hash": "md5"} if not pin.legacy else {})}
+        out = {"path": layout.archive_name(name), "md5": pin.md5, **({"hash": "md5"} if not pin.legacy else {})}
         if pin.size is not None:
             out["size"] = pin.size
         entry: dict = {"outs": [out]}
@@ -80,7 +81,7 @@ def read_pins(lock: Lock) -> dict[str, DvcPin]:
         name = stage[len(FETCH_STAGE):]
         for out in entry.get("outs") or []:
             md5 = str(out.get("md5", "")).lower() if isinstance(out, dict) else ""
-            if _MD5.match(md5) and str(out.get("path", "")).endswith(f"{name}.zip"):
+            if _MD5.match(md5) and str(out.get("path", "")).endswith(layout.archive_name(name)):
                 pins[name] = DvcPin(name, md5, out.get("size"), legacy=out.get("hash") != "md5",
                                     sha256=_recorded_sha256(entry, name))
     return pins
@@ -152,7 +153,7 @@ def md5_file(path: Path, chunk: int = 1 << 20) -> str:
 def _fetch_pinned(spec: ArchiveSpec, pin: DvcPin, remote: str, dest_dir: Path, settings: FetchSettings) -> bool:
     """Download the pinned object from the remote (verified against the params sha256);
     False, logged, when it cannot be fetched (not pushed, no credentials, other content)."""
-    dest = dest_dir / f"{spec.name}.zip"
+    dest = layout.raw_archive(dest_dir, spec.name)
     if dest.is_file() and md5_file(dest, settings.chunk_bytes) == pin.md5:
         return False  # already the pinned content (a retried task)
     uri = object_uri(remote, pin)

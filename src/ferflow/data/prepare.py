@@ -67,7 +67,7 @@ def prepare_dataset(
 ) -> PrepareResult:
     """Turn `<raw_dir>/<name>.zip` into a verified manifest + report + image caches."""
     start = time.perf_counter()
-    archive = Path(raw_dir) / f"{spec.name}.zip"
+    archive = layout.raw_archive(raw_dir, spec.name)
     if not archive.is_file():
         raise FerflowError(f"{archive}: archive not found; run `ferflow fetch` first")
     verify_file(archive, spec)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from ferflow import layout
 from ferflow.config import ArchiveSpec, FetchSettings, is_local_uri
 from ferflow.data import digests
 from ferflow.data.fetchers import ResumableFailure, fetcher_for, local_path
@@ -71,7 +72,7 @@ def fetch_all(
 
 def fetch_archive(spec: ArchiveSpec, dest_dir: Path, settings: FetchSettings) -> FetchResult:
     dest_dir = Path(dest_dir)
-    dest = dest_dir / f"{spec.name}.zip"
+    dest = layout.raw_archive(dest_dir, spec.name)
     fetcher = fetcher_for(spec.uri)  # a bad uri is reported even when the file is present
     spec = _local_without_size(spec)
     if spec.sha256 is None:
@@ -140,7 +141,7 @@ def _fetch_unpinned(spec: ArchiveSpec, dest: Path, fetcher, settings: FetchSetti
         where = digests.record(dest.parent, spec, digest, size)
         log.info("%s: no sha256 in params; recorded the content's sha256 %s in %s", spec.name, digest, where)
     return FetchResult(spec.name, dest, digest, size, downloaded=not reused,
-                       record=digests.record_path(dest.parent, spec.name))
+                       record=layout.digest_record(dest.parent, spec.name))
 
 
 def download(uri: str, dest: Path, settings: FetchSettings, expected_sha256: str | None = None) -> str:

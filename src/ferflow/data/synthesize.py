@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ferflow import layout
 from ferflow.config import ArchiveSpec, FetchSettings, PrepareSettings
 from ferflow.data.archive import inspect_archive, open_zip, read_member
 from ferflow.data.faces import FaceDetector, detector_weights, read_weights_container
@@ -53,7 +54,7 @@ def synthesize_masks(
     placement: str = "auto", face_box: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0),
     face_cut: bool = True,
 ) -> SynthesisResult:
-    archive = Path(raw_dir) / f"{spec.name}.zip"
+    archive = layout.raw_archive(raw_dir, spec.name)
     if not archive.is_file():
         raise FerflowError(f"{archive}: archive not found; run `ferflow fetch --dataset {spec.name}` first")
     verify_file(archive, spec)
